@@ -1,0 +1,64 @@
+# Two commands do all set-up: `make lab` and `make test`. Both create .venv when it is missing
+# and install the exact versions pinned in constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+LAB_PORT ?= 8888
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: help lab test lint unit nbval browser bench chromium clean
+
+help:
+	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
+	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval and browser tests"
+	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.lab-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[notebook]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[notebook,test]'
+	touch $@
+
+lab: $(VENV)/.lab-installed
+	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=50
+
+test: $(VENV)/.test-installed chromium
+	$(MAKE) lint unit nbval browser
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: $(VENV)/.test-installed
+	$(PYTEST) tests -m "not browser"
+
+# Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg.
+nbval: $(VENV)/.test-installed
+	$(PYTEST) --nbval notebooks --sanitize-with tests/nbval_sanitize.cfg
+
+browser: $(VENV)/.test-installed
+	$(PYTEST) tests -m browser
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks
+
+# The browser tests drive Debian's chromium. Install it when we can (root with apt-get);
+# otherwise the tests skip with a loud reason (and fail under CI=true).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "WARNING: chromium is missing and cannot be installed here: browser tests will be skipped"; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

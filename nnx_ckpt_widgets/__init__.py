@@ -1,0 +1,1 @@
+"""nnx-ckpt-widgets."""
