@@ -1,0 +1,76 @@
+"""Command line: ``python -m nnx_ckpt_widgets inspect PATH`` and ``... compare PATH --model M:F``.
+
+Both print the same text as the library. On error they print the one-line message and exit 1,
+with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nnx_ckpt_widgets",
+        description="Inspect a Flax NNX checkpoint, or compare it with a model.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("inspect", "what a checkpoint holds, from metadata only"),
+        ("compare", "how a checkpoint fits a model: the load report"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("path", help="checkpoint folder, CheckpointManager root or step folder")
+        sub.add_argument("--step", type=int, help="step under a manager root (default: latest)")
+        sub.add_argument("--item", help="item of the step, e.g. model")
+        if name == "compare":
+            sub.add_argument(
+                "--model",
+                required=True,
+                metavar="MODULE:FACTORY",
+                help="a function of no arguments returning the model, e.g. mypkg.models:make",
+            )
+    return parser
+
+
+def _load_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InvalidArgumentError(f"--model must look like module:factory, got {spec!r}.")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as err:
+        raise InvalidArgumentError(
+            f"Cannot find the model factory {spec!r} ({err}); check that the module is on "
+            "PYTHONPATH and defines that function."
+        ) from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from nnx_ckpt_widgets import compare, inspect
+
+    try:
+        if args.command == "inspect":
+            print(inspect(args.path, step=args.step, item=args.item))
+        else:
+            from flax import nnx
+
+            factory = _load_factory(args.model)
+            target = nnx.eval_shape(factory)
+            print(compare(args.path, target, step=args.step, item=args.item))
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

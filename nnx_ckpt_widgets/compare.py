@@ -1,0 +1,345 @@
+"""``compare``: does a checkpoint fit a model? One status per key, and what to do about it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
+from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
+
+__all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
+
+Status = Literal["matched", "missing", "unexpected", "shape mismatch", "dtype mismatch"]
+STATUSES: tuple[Status, ...] = (
+    "matched",
+    "missing",
+    "unexpected",
+    "shape mismatch",
+    "dtype mismatch",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetLeaf:
+    """One array of the target, spelled the way the checkpoint stores it.
+
+    A typed PRNG key (``key<fry>``) is stored by Orbax as its ``uint32`` key data, so
+    ``shape`` and ``dtype`` here are those of ``jax.random.key_data`` of it.
+    """
+
+    path: KeyPath
+    raw_path: tuple[Any, ...]
+    variable: Any
+    shape: tuple[int, ...]
+    dtype: str
+    sharding: Any = None
+    key_impl: Any = None
+    abstract: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyStatus:
+    """The verdict for one key.
+
+    Attributes:
+      path: the key, spelled ``linear1/kernel``: the target's path, or the checkpoint's (after
+        ``rename``) for an unexpected key.
+      status: one of ``matched``, ``missing``, ``unexpected``, ``shape mismatch``,
+        ``dtype mismatch``.
+      checkpoint: the checkpoint's array, unless missing.
+      target_shape: the target's shape, unless unexpected.
+      target_dtype: the target's dtype, unless unexpected.
+      source: the checkpoint's own key when ``rename`` changed it.
+      action: after a restore, what was done: ``restored``, ``cast``, ``kept``, ``zeros`` or
+        ``ignored``.
+    """
+
+    path: str
+    status: Status
+    checkpoint: LeafInfo | None = None
+    target_shape: tuple[int, ...] | None = None
+    target_dtype: str | None = None
+    source: str | None = None
+    action: str | None = None
+
+    @property
+    def detail(self) -> str:
+        ckpt = self.checkpoint
+        if self.status == "shape mismatch":
+            return f"checkpoint {_shape(ckpt.shape)} vs model {_shape(self.target_shape)}"
+        if self.status == "dtype mismatch":
+            return f"checkpoint {ckpt.dtype} vs model {self.target_dtype}"
+        if self.status == "missing":
+            return f"model {_shape(self.target_shape)} {self.target_dtype}"
+        return f"{_shape(ckpt.shape)} {ckpt.dtype}"
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    from nnx_ckpt_widgets.render import shape_text
+
+    return shape_text(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """How a checkpoint's keys line up with a target's, one :class:`KeyStatus` per key.
+
+    ``str()`` is a load-report table with repeated layer indices folded and a last line that
+    says what to do; ``_repr_html_`` is the same, colour-coded.
+    """
+
+    path: str
+    format: str
+    entries: tuple[KeyStatus, ...]
+    step: int | None = None
+    item: str | None = None
+    restored_arrays: int | None = None
+    restored_bytes: int | None = None
+
+    def _paths(self, status: Status) -> list[str]:
+        return [e.path for e in self.entries if e.status == status]
+
+    @property
+    def matched(self) -> list[str]:
+        return self._paths("matched")
+
+    @property
+    def missing(self) -> list[str]:
+        return self._paths("missing")
+
+    @property
+    def unexpected(self) -> list[str]:
+        return self._paths("unexpected")
+
+    @property
+    def shape_mismatched(self) -> list[str]:
+        return self._paths("shape mismatch")
+
+    @property
+    def dtype_mismatched(self) -> list[str]:
+        return self._paths("dtype mismatch")
+
+    @property
+    def casts(self) -> list[KeyStatus]:
+        """The keys whose dtype was cast by a restore with ``cast=True``."""
+        return [e for e in self.entries if e.action == "cast"]
+
+    @property
+    def ok(self) -> bool:
+        """True when every key matched: a strict restore will succeed."""
+        return all(e.status == "matched" for e in self.entries)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {status: len(self._paths(status)) for status in STATUSES}
+
+    @property
+    def advice(self) -> str:
+        """One line saying what to do next."""
+        if self.restored_arrays is not None:
+            return f"Restored {self.restored_arrays} arrays ({_human_bytes(self.restored_bytes)})."
+        if self.ok:
+            return f"All {len(self.entries)} keys match: restore(path, model) will load them."
+        todo = []
+        if self.shape_mismatched:
+            todo.append("shapes differ: change the model or map keys with rename={...}")
+        if self.missing:
+            todo.append("keep the model's values for missing keys with strict=False")
+        if self.unexpected:
+            todo.append(
+                "skip unexpected keys with strict=False, or map renamed layers with rename={...}"
+            )
+        if self.dtype_mismatched:
+            todo.append("allow dtype casts with cast=True")
+        return "To load it: " + "; ".join(todo) + "."
+
+    def summary(self) -> str:
+        """One sentence listing the differences."""
+        parts = [
+            f"{len(paths)} {label} ({_preview(paths)})"
+            for label, paths in (
+                ("missing", self.missing),
+                ("unexpected", self.unexpected),
+                ("shape mismatched", self.shape_mismatched),
+                ("dtype mismatched", self.dtype_mismatched),
+            )
+            if paths
+        ]
+        return ", ".join(parts) if parts else "no differences"
+
+    def __str__(self) -> str:
+        from nnx_ckpt_widgets import render
+
+        return render.report_text(self)
+
+    def _repr_html_(self) -> str:
+        from nnx_ckpt_widgets import render
+
+        return render.report_html(self)
+
+
+def _preview(paths: list[str], limit: int = 3) -> str:
+    folded = [pattern for pattern, _ in _keypaths.fold(tuple(p.split("/")) for p in paths)]
+    shown = ", ".join(folded[:limit])
+    return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
+
+
+def _human_bytes(n: int | None) -> str:
+    from nnx_ckpt_widgets.render import human_bytes
+
+    return human_bytes(n or 0)
+
+
+def flatten_target(target: Any) -> list[TargetLeaf]:
+    """The arrays of a model, any NNX graph node or an ``nnx.State``, concrete or abstract.
+
+    Raises:
+      InvalidArgumentError: ``target`` is none of these.
+    """
+    import jax
+    from flax import nnx
+
+    if isinstance(target, nnx.State):
+        state = target
+    elif nnx.graph.is_graph_node(target):
+        state = nnx.state(target)
+    else:
+        raise InvalidArgumentError(
+            f"Cannot compare a checkpoint with a {type(target).__name__}: pass an NNX model, "
+            "another NNX graph node such as nnx.Optimizer, or an nnx.State."
+        )
+    leaves = []
+    for raw_path, variable in nnx.to_flat_state(state):
+        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            continue  # Python scalars and other non-array state are not checkpointed as arrays.
+        abstract = isinstance(value, jax.ShapeDtypeStruct)
+        shape, dtype, key_impl = tuple(value.shape), value.dtype, None
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            key_impl = value.dtype._impl if abstract else jax.random.key_impl(value)
+            data = jax.eval_shape(jax.random.key_data, value)
+            shape, dtype = tuple(data.shape), data.dtype
+        leaves.append(
+            TargetLeaf(
+                path=_keypaths.to_keypath(raw_path),
+                raw_path=tuple(raw_path),
+                variable=variable,
+                shape=shape,
+                dtype=str(jax.numpy.dtype(dtype).name),
+                sharding=getattr(value, "sharding", None),
+                key_impl=key_impl,
+                abstract=abstract,
+            )
+        )
+    return leaves
+
+
+def apply_rename(
+    leaves: Mapping[KeyPath, LeafInfo], rename: Mapping[str, str] | None
+) -> dict[KeyPath, tuple[LeafInfo, str | None]]:
+    """Map checkpoint keys through ``rename`` (regex -> replacement, applied in order).
+
+    Returns:
+      New key path -> (checkpoint leaf, original key when it changed).
+
+    Raises:
+      InvalidArgumentError: a pattern is not a valid regex, or two keys get one name.
+    """
+    if not rename:
+        return {path: (leaf, None) for path, leaf in leaves.items()}
+    try:
+        rules = [(re.compile(pattern), repl) for pattern, repl in rename.items()]
+    except re.error as err:
+        raise InvalidArgumentError(
+            f"rename pattern {err.pattern!r} is not a valid regular expression: {err.msg}."
+        ) from err
+    out: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
+    for path, leaf in leaves.items():
+        name = original = _keypaths.join(path)
+        for rule, repl in rules:
+            name = rule.sub(repl, name)
+        new_path = tuple(name.split(_keypaths.SEP))
+        if new_path in out:
+            other = out[new_path][1] or _keypaths.join(out[new_path][0].path)
+            raise InvalidArgumentError(
+                f"rename maps both {other!r} and {original!r} to {name!r}; make the patterns "
+                "tell them apart."
+            )
+        out[new_path] = (leaf, original if name != original else None)
+    return out
+
+
+def build_report(
+    info: CheckpointInfo,
+    target_leaves: list[TargetLeaf],
+    rename: Mapping[str, str] | None = None,
+) -> LoadReport:
+    """Classify every key of the checkpoint and the target."""
+    ckpt = apply_rename(info.leaves, rename)
+    entries = []
+    for t in target_leaves:
+        name = _keypaths.join(t.path)
+        if t.path not in ckpt:
+            entries.append(KeyStatus(name, "missing", None, t.shape, t.dtype))
+            continue
+        leaf, source = ckpt[t.path]
+        if leaf.shape != t.shape:
+            status: Status = "shape mismatch"
+        elif leaf.dtype != t.dtype:
+            status = "dtype mismatch"
+        else:
+            status = "matched"
+        entries.append(KeyStatus(name, status, leaf, t.shape, t.dtype, source))
+    target_paths = {t.path for t in target_leaves}
+    for path, (leaf, source) in ckpt.items():
+        if path not in target_paths:
+            entries.append(KeyStatus(_keypaths.join(path), "unexpected", leaf, source=source))
+    return LoadReport(
+        path=str(info.path),
+        format=info.format,
+        entries=tuple(entries),
+        step=info.step,
+        item=info.item,
+    )
+
+
+def compare(
+    path: str | os.PathLike,
+    target: Any,
+    *,
+    step: int | None = None,
+    item: str | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> LoadReport:
+    """Compare a checkpoint's keys, shapes and dtypes with a target's, from metadata only.
+
+    Args:
+      path: a checkpoint folder, a ``CheckpointManager`` root, or a step folder.
+      target: a model (concrete, or abstract from ``nnx.eval_shape``), any NNX graph node such
+        as ``nnx.Optimizer``, or an ``nnx.State``.
+      step: under a manager root, the step to compare; the latest by default.
+      item: the item to compare when the step holds several.
+      rename: regex -> replacement, applied in order to checkpoint keys spelled ``a/b/c``.
+
+    Returns:
+      A :class:`LoadReport`; ``report.ok`` is True when a strict restore will succeed.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read, or ``target`` is not NNX state.
+    """
+    info = inspect(path, step=step, item=item)
+    return build_report(info, flatten_target(target), rename)
+
+
+def mismatch_error(report: LoadReport, why: str) -> CheckpointMismatchError:
+    """The error for a restore that the report forbids."""
+    return CheckpointMismatchError(
+        f"Checkpoint at {report.path} does not fit the target: {report.summary()}; {why}",
+        report,
+    )

@@ -1,0 +1,55 @@
+"""The exceptions this package raises.
+
+Every error is a :class:`CheckpointError`. Each message is one sentence that names the path,
+what is wrong and the way out; the underlying Orbax or TensorStore error is chained as
+``__cause__`` so nothing is hidden, but it is never the user's only explanation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnx_ckpt_widgets.compare import LoadReport
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "InvalidArgumentError",
+    "ItemSelectionError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by nnx_ckpt_widgets."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path does not exist, or holds no checkpoint (or not the asked step or item)."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """The checkpoint was not finished: an interrupted save left a tmp folder or no commit."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint's metadata or array data cannot be read."""
+
+
+class ItemSelectionError(CheckpointError):
+    """A step holds several items and ``item=`` did not pick exactly one of them."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError, TypeError):
+    """An argument is not one this package accepts (a bad policy, pattern or target)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint does not fit the target; ``.report`` holds the full load report."""
+
+    def __init__(self, message: str, report: LoadReport | None = None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,184 @@
+"""``inspect``: what a checkpoint holds, from its metadata only, never its array bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._locate import Location, StepInfo, locate
+from nnx_ckpt_widgets._tree_metadata import StoredLeaf, read_leaves
+
+__all__ = ["CheckpointInfo", "LeafInfo", "StepInfo", "inspect"]
+
+Format = Literal["nnx.State", "pure dict"]
+STATE_FORMAT: Format = "nnx.State"
+PURE_DICT_FORMAT: Format = "pure dict"
+# A saved nnx.State keeps one extra level per Variable: {'kernel': {'value': array}}.
+_VARIABLE_LEVEL = "value"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One array of a checkpoint.
+
+    Attributes:
+      path: the key path as reports spell it: ``('linear1', 'kernel')``, with the ``value``
+        level of a saved ``nnx.State`` removed.
+      stored_path: the key path as stored, ``value`` level included.
+      shape: the array's shape.
+      dtype: the dtype's name, e.g. ``float32``.
+      sharding: a short spelling of the saved sharding, when the checkpoint recorded one.
+    """
+
+    path: KeyPath
+    stored_path: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    sharding: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the array takes in memory."""
+        import numpy as np
+
+        from nnx_ckpt_widgets._tree_metadata import dtype_name
+
+        try:
+            itemsize = np.dtype(self.dtype).itemsize
+        except TypeError:
+            itemsize = np.dtype(dtype_name(self.dtype)).itemsize
+        return self.size * itemsize
+
+    @property
+    def name(self) -> str:
+        return _keypaths.join(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`inspect` found.
+
+    Attributes:
+      path: the path that was inspected.
+      item_dir: the folder of the pytree that was read.
+      format: ``"nnx.State"`` or ``"pure dict"``.
+      leaves: the arrays, by key path, in saved order.
+      step: the step read, for a ``CheckpointManager`` root.
+      item: the item read, when the step holds named items.
+      steps: the restorable steps of a manager root, ascending, with their metrics.
+      items: the items of the step.
+    """
+
+    path: Path
+    item_dir: Path
+    format: Format
+    leaves: Mapping[KeyPath, LeafInfo]
+    step: int | None = None
+    item: str | None = None
+    steps: tuple[StepInfo, ...] = ()
+    items: tuple[str, ...] = ()
+
+    @property
+    def num_params(self) -> int:
+        """Total number of elements over all arrays."""
+        return self.totals[()][0]
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes over all arrays."""
+        return self.totals[()][1]
+
+    @cached_property
+    def totals(self) -> dict[KeyPath, tuple[int, int]]:
+        """``(num_params, nbytes)`` of every subtree, keyed by its path; ``()`` is the root."""
+        totals: dict[KeyPath, list[int]] = {(): [0, 0]}
+        for leaf in self.leaves.values():
+            size, nbytes = leaf.size, leaf.nbytes
+            for depth in range(len(leaf.path)):
+                entry = totals.setdefault(leaf.path[:depth], [0, 0])
+                entry[0] += size
+                entry[1] += nbytes
+        return {path: (n, b) for path, (n, b) in totals.items()}
+
+    def subtree(self, prefix: KeyPath) -> dict[KeyPath, LeafInfo]:
+        """The leaves under ``prefix``."""
+        prefix = _keypaths.to_keypath(prefix)
+        return {p: leaf for p, leaf in self.leaves.items() if p[: len(prefix)] == prefix}
+
+    def __iter__(self) -> Iterator[LeafInfo]:
+        return iter(self.leaves.values())
+
+    def __len__(self) -> int:
+        return len(self.leaves)
+
+    def __str__(self) -> str:
+        from nnx_ckpt_widgets import render
+
+        return render.info_text(self)
+
+    def _repr_html_(self) -> str:
+        from nnx_ckpt_widgets import render
+
+        return render.info_html(self)
+
+
+def inspect(
+    path: str | os.PathLike, *, step: int | None = None, item: str | None = None
+) -> CheckpointInfo:
+    """Read what a checkpoint holds from its metadata, without reading any array bytes.
+
+    Args:
+      path: a checkpoint folder written by ``StandardCheckpointer`` (an ``nnx.State`` or a
+        pure dict), a ``CheckpointManager`` root, or one of its step folders.
+      step: under a manager root, the step to read; the latest restorable one by default.
+      item: the item to read when the step holds several (e.g. ``"model"``).
+
+    Returns:
+      A :class:`CheckpointInfo`; ``str()`` of it is a summary table.
+
+    Raises:
+      CheckpointError: a subclass naming the path and the problem, e.g.
+        ``CheckpointNotFoundError`` or ``CorruptCheckpointError``.
+    """
+    location = locate(path, step=step, item=item)
+    return info_from_location(location)
+
+
+def info_from_location(location: Location) -> CheckpointInfo:
+    stored = read_leaves(location.item_dir)
+    fmt = detect_format(stored)
+    leaves = {}
+    for leaf in stored:
+        logical = leaf.stored_path[:-1] if fmt == STATE_FORMAT else leaf.stored_path
+        leaves[logical] = LeafInfo(logical, leaf.stored_path, leaf.shape, leaf.dtype, leaf.sharding)
+    return CheckpointInfo(
+        path=location.path,
+        item_dir=location.item_dir,
+        format=fmt,
+        leaves=leaves,
+        step=location.step,
+        item=location.item,
+        steps=location.steps,
+        items=location.items,
+    )
+
+
+def detect_format(stored: list[StoredLeaf]) -> Format:
+    """``nnx.State`` when every leaf sits under a ``value`` level, else ``pure dict``."""
+    if stored and all(
+        len(leaf.stored_path) > 1 and leaf.stored_path[-1] == _VARIABLE_LEVEL for leaf in stored
+    ):
+        return STATE_FORMAT
+    return PURE_DICT_FORMAT

@@ -1,0 +1,250 @@
+"""Text tables and HTML for checkpoints and load reports.
+
+Everything that comes from a checkpoint (key names, metric names, dtypes, paths) is untrusted:
+it goes through :func:`esc` before it reaches HTML, and long names wrap instead of stretching
+the layout. The text forms are deterministic, so notebooks can store them and nbval can check
+them.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets._keypaths import KeyPath
+
+if TYPE_CHECKING:
+    from nnx_ckpt_widgets.compare import KeyStatus, LoadReport
+    from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
+
+__all__ = ["esc", "human_bytes", "info_html", "info_text", "report_html", "report_text"]
+
+_MAX_KEY = 64
+STATUS_COLOURS = {
+    "matched": "#1a7f37",
+    "missing": "#9a6700",
+    "unexpected": "#8250df",
+    "shape mismatch": "#cf222e",
+    "dtype mismatch": "#bc4c00",
+}
+BOX_STYLE = (
+    "font-family:var(--jp-code-font-family,monospace);font-size:12px;max-width:100%;"
+    "overflow-wrap:anywhere;word-break:break-word"
+)
+
+
+def esc(value: object) -> str:
+    """HTML-escape anything, quotes included, so it can go into text and attributes."""
+    return html.escape(str(value), quote=True)
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def shape_text(shape: Sequence[int] | None) -> str:
+    return "(" + ", ".join(map(str, shape or ())) + (",)" if len(shape or ()) == 1 else ")")
+
+
+def clip(text: str, width: int = _MAX_KEY) -> str:
+    """Shorten ``text`` to ``width`` characters, keeping both ends, for text tables."""
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    if len(text) <= width:
+        return text
+    half = (width - 1) // 2
+    return text[:half] + "…" + text[-(width - 1 - half) :]
+
+
+def table(rows: list[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
+    """Align rows into columns; ``right`` lists the right-aligned column numbers."""
+    right = set(right)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def where(path: object, step: int | None, item: str | None, steps: Sequence = ()) -> str:
+    parts = [str(path)]
+    if step is not None:
+        of = f" of {len(steps)}" if len(steps) > 1 else ""
+        parts.append(f"step {step}{of}")
+    if item is not None:
+        parts.append(f"item {item!r}")
+    return ", ".join(parts)
+
+
+def _leaf_groups(leaves: Iterable[LeafInfo]) -> list[tuple[str, list[LeafInfo]]]:
+    """Fold repeated layers whose arrays agree in shape, dtype and sharding into one row."""
+    by_path = {leaf.path: leaf for leaf in leaves}
+    rows: list[tuple[str, list[LeafInfo]]] = []
+    for pattern, members in _keypaths.fold(by_path):
+        group = [by_path[p] for p in members]
+        if len({(g.shape, g.dtype, g.sharding) for g in group}) == 1:
+            rows.append((pattern, group))
+        else:
+            rows.extend((leaf.name, [leaf]) for leaf in group)
+    return rows
+
+
+def info_text(info: CheckpointInfo) -> str:
+    """The summary table that ``str(inspect(path))`` prints."""
+    lines = [
+        f"Checkpoint {where(info.path, info.step, info.item, info.steps)}",
+        f"format {info.format}: {len(info.leaves)} arrays, {info.num_params:,} params, "
+        f"{human_bytes(info.nbytes)}",
+    ]
+    if len(info.steps) > 1 or (info.steps and info.steps[0].metrics):
+        lines.append("steps: " + ", ".join(_step_text(s) for s in info.steps))
+    if len(info.items) > 1:
+        lines.append("items: " + ", ".join(info.items))
+    rows = [("key", "shape", "dtype", "params", "bytes", "sharding")]
+    for pattern, group in _leaf_groups(info.leaves.values()):
+        first = group[0]
+        count = f"{len(group)} × " if len(group) > 1 else ""
+        rows.append(
+            (
+                clip(pattern),
+                count + shape_text(first.shape),
+                clip(first.dtype, 24),
+                f"{first.size * len(group):,}",
+                human_bytes(first.nbytes * len(group)),
+                clip(first.sharding or "-", 40),
+            )
+        )
+    lines.append("")
+    lines.extend(table(rows, right=(3, 4)))
+    return "\n".join(lines)
+
+
+def _step_text(step) -> str:
+    metrics = ", ".join(f"{clip(k, 24)}={_metric(v)}" for k, v in sorted(step.metrics.items()))
+    return f"{step.step}" + (f" ({metrics})" if metrics else "")
+
+
+def _metric(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return clip(str(value), 24)
+
+
+def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
+    """A compact, escaped HTML tree of a checkpoint: subtrees fold, repeated layers fold."""
+    header = (
+        f"<b>{esc(where(info.path, info.step, info.item, info.steps))}</b><br>"
+        f"{esc(info.format)}: {len(info.leaves):,} arrays, {info.num_params:,} params, "
+        f"{esc(human_bytes(info.nbytes))}"
+    )
+    body = _tree_html(info, (), _children(info), max_children, depth=0)
+    return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
+
+
+def _children(info: CheckpointInfo) -> dict[KeyPath, list[str]]:
+    children: dict[KeyPath, dict[str, None]] = {}
+    for path in info.leaves:
+        for depth in range(len(path)):
+            children.setdefault(path[:depth], {})[path[depth]] = None
+    return {prefix: list(names) for prefix, names in children.items()}
+
+
+def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -> str:
+    items = []
+    names = children.get(prefix, [])
+    for name in names[:max_children]:
+        path = (*prefix, name)
+        if path in info.leaves:
+            leaf = info.leaves[path]
+            items.append(
+                f"<li>{esc(name)}: {esc(shape_text(leaf.shape))} {esc(leaf.dtype)} "
+                f"<span style='opacity:.6'>{esc(human_bytes(leaf.nbytes))}</span></li>"
+            )
+            continue
+        params, nbytes = info.totals[path]
+        open_attr = " open" if depth < 1 else ""
+        inner = _tree_html(info, path, children, max_children, depth + 1)
+        items.append(
+            f"<li><details{open_attr}><summary>{esc(name)} "
+            f"<span style='opacity:.6'>{params:,} params, {esc(human_bytes(nbytes))}</span>"
+            f"</summary>{inner}</details></li>"
+        )
+    if len(names) > max_children:
+        items.append(f"<li>… and {len(names) - max_children:,} more</li>")
+    return "<ul style='margin:0;padding-left:1.2em;list-style:none'>" + "".join(items) + "</ul>"
+
+
+def _report_groups(entries: Iterable[KeyStatus]) -> list[tuple[str, list[KeyStatus]]]:
+    """Fold entries of one status whose paths differ only in layer indices."""
+    order = ("shape mismatch", "dtype mismatch", "missing", "unexpected", "matched")
+    rows = []
+    for status in order:
+        chosen = {tuple(e.path.split("/")): e for e in entries if e.status == status}
+        for pattern, members in _keypaths.fold(chosen):
+            group = [chosen[m] for m in members]
+            if len({(g.detail, g.action) for g in group}) == 1:
+                rows.append((pattern, group))
+            else:
+                rows.extend((g.path, [g]) for g in group)
+    return rows
+
+
+def report_text(report: LoadReport) -> str:
+    """The load-report table that ``str(compare(...))`` prints."""
+    counts = report.counts
+    rows = [("status", "key", "detail")]
+    with_action = report.restored_arrays is not None
+    if with_action:
+        rows = [("status", "key", "detail", "action")]
+    for pattern, group in _report_groups(report.entries):
+        first = group[0]
+        row = [first.status, clip(pattern), first.detail]
+        if first.source and len(group) == 1:
+            row[2] += f" (from {clip(first.source, 40)})"
+        if with_action:
+            row.append(first.action or "")
+        rows.append(tuple(row))
+    lines = [f"Load report for {where(report.path, report.step, report.item)} ({report.format})"]
+    lines.extend(table(rows))
+    lines.append(", ".join(f"{n} {status}" for status, n in counts.items()))
+    lines.append(report.advice)
+    return "\n".join(lines)
+
+
+def report_html(report: LoadReport) -> str:
+    """The load report as a colour-coded, escaped HTML table."""
+    with_action = report.restored_arrays is not None
+    head = "<tr><th>status</th><th>key</th><th>detail</th>"
+    head += "<th>action</th></tr>" if with_action else "</tr>"
+    rows = []
+    for pattern, group in _report_groups(report.entries):
+        first = group[0]
+        colour = STATUS_COLOURS[first.status]
+        detail = first.detail + (
+            f" (from {first.source})" if first.source and len(group) == 1 else ""
+        )
+        action = f"<td>{esc(first.action or '')}</td>" if with_action else ""
+        rows.append(
+            f"<tr><td style='color:{colour};font-weight:600'>{esc(first.status)}</td>"
+            f"<td>{esc(pattern)}</td><td>{esc(detail)}</td>{action}</tr>"
+        )
+    counts = ", ".join(f"{n} {esc(status)}" for status, n in report.counts.items())
+    return (
+        f'<div class="nnx-ckpt-report" style="{BOX_STYLE}">'
+        f"<b>Load report for {esc(where(report.path, report.step, report.item))}</b> "
+        f"({esc(report.format)})"
+        "<table style='border-collapse:collapse;text-align:left;table-layout:auto'>"
+        f"{head}{''.join(rows)}</table>"
+        f"<div>{counts}</div><div><b>{esc(report.advice)}</b></div></div>"
+    )
