@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 LAB_PORT ?= 8888
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help lab test lint unit nbval browser bench chromium clean
+.PHONY: help lab test lint unit nbval browser bench bench-smoke chromium clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
@@ -29,7 +29,7 @@ lab: $(VENV)/.lab-installed
 	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=50
 
 test: $(VENV)/.test-installed chromium
-	$(MAKE) lint unit nbval browser
+	$(MAKE) lint unit nbval browser bench-smoke
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
@@ -47,6 +47,10 @@ browser: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks
+
+# The benchmarks at toy sizes, once, for correctness only (no timing is judged).
+bench-smoke: $(VENV)/.test-installed
+	NNX_CKPT_BENCH=smoke $(BIN)/python -m benchmarks
 
 # The browser tests drive Debian's chromium. Install it when we can (root with apt-get);
 # otherwise the tests skip with a loud reason (and fail under CI=true).

@@ -1,0 +1,311 @@
+"""The benchmark cases of issue 7, each a ratio of two sides measured in the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._measure import Result, alternate, run_python
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    arrays: int  # arrays in the "1 GiB" checkpoint
+    side: int  # each array is side x side float32 (4096 -> 64 MiB)
+    leaves: int  # leaves in the many-leaf checkpoint
+    repeats: int
+    slow_repeats: int  # for the references that take many seconds each (treescope)
+    notebooks: bool
+
+
+FULL = Size(arrays=16, side=4096, leaves=10_000, repeats=5, slow_repeats=5, notebooks=True)
+SMOKE = Size(arrays=16, side=64, leaves=400, repeats=1, slow_repeats=1, notebooks=False)
+
+_cache: dict[str, Path] = {}
+
+
+def _big_model(size: Size, names: list[str] | None = None):
+    from flax import nnx
+
+    class Big(nnx.Module):
+        def __init__(self, names: list[str], seed: int):
+            rng = np.random.default_rng(seed)
+            for name in names:
+                data = rng.standard_normal((size.side, size.side), dtype=np.float32)
+                setattr(self, name, nnx.Param(data))
+
+    all_names = [f"w{i:02d}" for i in range(size.arrays)]
+    return Big, all_names if names is None else names
+
+
+def _abstract_state(model_cls, names):
+    import jax
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: model_cls(names, 1))
+    graphdef, state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), state)
+    return graphdef, state
+
+
+def big_checkpoint(tmp: Path, size: Size) -> Path:
+    if "big" not in _cache:
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        model_cls, names = _big_model(size)
+        path = tmp / "big"
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, nnx.state(model_cls(names, 0)))
+        _cache["big"] = path
+    return _cache["big"]
+
+
+def case_inspect_big(tmp: Path, size: Size) -> list[Result]:
+    """inspect on a 1 GiB checkpoint vs a full bare restore."""
+    import orbax.checkpoint as ocp
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_checkpoint(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    checkpointer = ocp.StandardCheckpointer()
+    info = nw.inspect(path)
+    assert len(info) == size.arrays and info.nbytes == size.arrays * size.side**2 * 4
+    ours, ref = alternate(
+        lambda: nw.inspect(path), lambda: checkpointer.restore(path, abstract), size.repeats
+    )
+    gib = size.arrays * size.side**2 * 4 / 2**30
+    return [Result(1, f"inspect, {gib:.3g} GiB checkpoint", ours, ref, target=0.02)]
+
+
+def case_restore(tmp: Path, size: Size) -> list[Result]:
+    """Full restore into a live model vs bare restore + nnx.update; partial restore of 2."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_checkpoint(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    model = model_cls(names, 1)
+    small = model_cls(names[:2], 1)
+    checkpointer = ocp.StandardCheckpointer()
+
+    def bare():
+        nnx.update(model, checkpointer.restore(path, abstract))
+
+    def ours():
+        nw.restore(path, model)
+
+    ours_t, bare_t = alternate(ours, bare, size.repeats)
+    expected = model_cls(names[:1], 0)
+    np.testing.assert_array_equal(model.w00[...], expected.w00[...])
+
+    def partial():
+        nw.restore(path, small, strict=False)
+
+    partial_t, full_t = alternate(partial, ours, size.repeats)
+    np.testing.assert_array_equal(small.w00[...], expected.w00[...])
+    return [
+        Result(2, "restore into a live model", ours_t, bare_t, target=1.10),
+        Result(
+            3, f"restore 2 of {size.arrays} arrays (strict=False)", partial_t, full_t, target=0.25
+        ),
+    ]
+
+
+def many_leaf_checkpoint(tmp: Path, size: Size) -> Path:
+    if "many" not in _cache:
+        import orbax.checkpoint as ocp
+
+        blocks = {str(i): {"bias": np.full((2,), i, np.float32)} for i in range(size.leaves)}
+        path = tmp / "many"
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, {"blocks": blocks})
+        _cache["many"] = path
+    return _cache["many"]
+
+
+def case_inspect_many(tmp: Path, size: Size) -> list[Result]:
+    """inspect on a many-leaf checkpoint vs StandardCheckpointer().metadata."""
+    import orbax.checkpoint as ocp
+
+    import nnx_ckpt_widgets as nw
+
+    path = many_leaf_checkpoint(tmp, size)
+    checkpointer = ocp.StandardCheckpointer()
+    assert len(nw.inspect(path)) == size.leaves
+    ours, ref = alternate(
+        lambda: nw.inspect(path), lambda: checkpointer.metadata(path), size.repeats
+    )
+    return [Result(4, f"inspect, {size.leaves:,} leaves", ours, ref, target=0.2)]
+
+
+def case_browser(tmp: Path, size: Size) -> list[Result]:
+    """Building CheckpointBrowser vs treescope.render_to_html of the metadata tree."""
+    import orbax.checkpoint as ocp
+    import treescope
+
+    try:
+        from nnx_ckpt_widgets import CheckpointBrowser
+    except ImportError:
+        return [Result(5, "CheckpointBrowser (not built yet)", None, None)]
+    path = many_leaf_checkpoint(tmp, size)
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    ours, ref = alternate(
+        lambda: CheckpointBrowser(path),
+        lambda: treescope.render_to_html(tree),
+        size.slow_repeats,
+    )
+    name = f"build CheckpointBrowser, {size.leaves:,} leaves"
+    return [Result(5, name, ours, ref, target=0.05, absolute_limit=1.0)]
+
+
+_RSS_CODE = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+from flax import nnx
+from benchmarks.cases import Size, _big_model, _abstract_state
+size = Size(**json.loads({size!r}))
+model_cls, names = _big_model(size)
+graphdef, abstract = _abstract_state(model_cls, names)
+if {ours!r}:
+    import nnx_ckpt_widgets as nw
+    model = nnx.eval_shape(lambda: model_cls(names, 1))
+    nw.restore({path!r}, model)
+else:
+    import orbax.checkpoint as ocp
+    model = nnx.merge(graphdef, ocp.StandardCheckpointer().restore({path!r}, abstract))
+jax.block_until_ready(model.w00[...])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def case_rss(tmp: Path, size: Size) -> list[Result]:
+    """Peak RSS of restore vs bare restore, each in a fresh process."""
+    path = str(big_checkpoint(tmp, size))
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(max(3, size.repeats) if size.repeats > 1 else 1):
+        for ours in (True, False) if i % 2 == 0 else (False, True):
+            code = _RSS_CODE.format(repo=str(REPO), size=size_json, ours=ours, path=path)
+            peaks[ours].append(int(run_python(code).split()[-1]))
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    return [Result(6, "peak RSS of restore", ours_kib / 1024, ref_kib / 1024, "MiB", 1.10)]
+
+
+def case_import(tmp: Path, size: Size) -> list[Result]:
+    """python -c 'import nnx_ckpt_widgets' vs 'import flax.nnx, orbax.checkpoint'."""
+
+    def timed(code: str):
+        def run():
+            subprocess.run([sys.executable, "-c", code], check=True)
+
+        return run
+
+    ours, ref = alternate(
+        timed("import nnx_ckpt_widgets"),
+        timed("import flax.nnx, orbax.checkpoint"),
+        size.repeats,
+    )
+    return [Result(7, "import nnx_ckpt_widgets", ours, ref, target=1.15)]
+
+
+def case_orbax_vs_numpy(tmp: Path, size: Size) -> list[Result]:
+    """Bare Orbax save and restore vs numpy save and load of the same bytes."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    model_cls, names = _big_model(size)
+    state = nnx.state(model_cls(names, 0))
+    arrays = {name: np.asarray(state[name][...]) for name in names}
+    _, abstract = _abstract_state(model_cls, names)
+    counter = iter(range(10**6))
+
+    def orbax_save():
+        target = tmp / f"save-{next(counter)}"
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(target, state)
+        shutil.rmtree(target)
+
+    def numpy_save():
+        target = tmp / f"np-{next(counter)}"
+        target.mkdir()
+        for name, array in arrays.items():
+            np.save(target / f"{name}.npy", array)
+        shutil.rmtree(target)
+
+    save_o, save_n = alternate(orbax_save, numpy_save, size.repeats)
+    path = big_checkpoint(tmp, size)
+    npdir = tmp / "np-ref"
+    npdir.mkdir(exist_ok=True)
+    for name, array in arrays.items():
+        np.save(npdir / f"{name}.npy", array)
+    checkpointer = ocp.StandardCheckpointer()
+    restore_o, restore_n = alternate(
+        lambda: checkpointer.restore(path, abstract),
+        lambda: [np.load(npdir / f"{name}.npy") for name in names],
+        size.repeats,
+    )
+    return [
+        Result(8, "bare Orbax save vs numpy save", save_o, save_n),
+        Result(8, "bare Orbax restore vs numpy load", restore_o, restore_n),
+    ]
+
+
+def case_notebooks(tmp: Path, size: Size) -> list[Result]:
+    """Each notebook's wall time under strict nbval."""
+    if not size.notebooks:
+        return []
+    results = []
+    total = 0.0
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "--nbval",
+                str(notebook),
+                "--sanitize-with",
+                str(REPO / "tests" / "nbval_sanitize.cfg"),
+                "-p",
+                "no:cacheprovider",
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        elapsed = time.perf_counter() - start
+        total += elapsed
+        results.append(Result(9, f"nbval {notebook.name}", elapsed, None))
+    results.append(Result(9, "nbval, all notebooks", total, None))
+    return results
+
+
+ALL = [
+    (1, case_inspect_big),
+    (2, case_restore),
+    (4, case_inspect_many),
+    (5, case_browser),
+    (6, case_rss),
+    (7, case_import),
+    (8, case_orbax_vs_numpy),
+    (9, case_notebooks),
+]
