@@ -83,8 +83,11 @@ def _read_fast(item_dir: Path) -> list[StoredLeaf]:
     shardings = _read_shardings(item_dir)
     headers = _read_zarr_headers(item_dir, [".".join(keys) for keys in entries], zarr3)
     leaves = []
+    parsed: dict[bytes, tuple[tuple[int, ...], str]] = {}  # most headers repeat byte for byte
     for keys, header in zip(entries, headers):
-        shape, dtype = _parse_header(header, zarr3)
+        if header not in parsed:
+            parsed[header] = _parse_header(header, zarr3)
+        shape, dtype = parsed[header]
         leaves.append(StoredLeaf(keys, shape, dtype, shardings.get(".".join(keys))))
     return leaves
 
