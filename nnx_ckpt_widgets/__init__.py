@@ -7,6 +7,7 @@ only when a function needs them.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from nnx_ckpt_widgets.compare import KeyStatus, LoadReport, compare
 from nnx_ckpt_widgets.errors import (
@@ -21,12 +22,23 @@ from nnx_ckpt_widgets.errors import (
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
 from nnx_ckpt_widgets.restore import load, restore
 
+if TYPE_CHECKING:
+    from nnx_ckpt_widgets.widgets import CheckpointBrowser, SideBySide, compare_states
+
+# The widgets import ipywidgets and treescope: they load on first use, not with the package.
+_LAZY = {
+    "CheckpointBrowser": "nnx_ckpt_widgets.widgets",
+    "SideBySide": "nnx_ckpt_widgets.widgets",
+    "compare_states": "nnx_ckpt_widgets.widgets",
+}
+
 try:
     __version__ = version("nnx-ckpt-widgets")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "CheckpointBrowser",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointMismatchError",
@@ -38,10 +50,26 @@ __all__ = [
     "KeyStatus",
     "LeafInfo",
     "LoadReport",
+    "SideBySide",
     "StepInfo",
     "__version__",
     "compare",
+    "compare_states",
     "inspect",
     "load",
     "restore",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,167 @@
+"""The folded tree behind the checkpoint browser, from metadata only and without widgets.
+
+Children are computed when a node is expanded, never up front, so a 10,000-leaf checkpoint
+costs one pass over its key paths at build time. Integer-named children whose subtrees have the
+same structure (names, shapes, dtypes, shardings) fold into one node such as ``{0..47}``; the
+folding and its spelling are :func:`nnx_ckpt_widgets._keypaths.fold`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+from nnx_ckpt_widgets import _keypaths, render
+from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNode:
+    """One row of the tree.
+
+    Attributes:
+      label: the name shown, e.g. ``linear1`` or ``{0..47}`` for folded layers.
+      paths: the subtrees the row stands for, one unless folded; all share one structure.
+      labels: the labels from the root down to this node, for finding it again.
+    """
+
+    label: str
+    paths: tuple[KeyPath, ...]
+    labels: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> KeyPath:
+        """The first subtree the node stands for."""
+        return self.paths[0]
+
+    @property
+    def count(self) -> int:
+        """How many subtrees were folded into this node."""
+        return len(self.paths)
+
+    @property
+    def name(self) -> str:
+        """The node's place, spelled ``layers/{0..47}/kernel``."""
+        return _keypaths.join(self.labels)
+
+
+class TreeModel:
+    """Children, folding and totals of a :class:`CheckpointInfo`, computed on demand."""
+
+    def __init__(self, info: CheckpointInfo):
+        self.info = info
+        self._children = render._children(info)
+        self._ids: dict[Hashable, int] = {}
+        self._signatures: dict[KeyPath, int] = {}
+        self.root = TreeNode("", ((),), ())
+
+    def is_leaf(self, node: TreeNode) -> bool:
+        return node.path in self.info.leaves
+
+    def leaf(self, node: TreeNode) -> LeafInfo:
+        return self.info.leaves[node.path]
+
+    def stats(self, node: TreeNode) -> tuple[int, int]:
+        """``(params, bytes)`` of the node, over every folded subtree."""
+        if self.is_leaf(node):
+            leaf = self.leaf(node)
+            return leaf.size * node.count, leaf.nbytes * node.count
+        params, nbytes = self.info.totals[node.path]
+        return params * node.count, nbytes * node.count
+
+    def describe(self, node: TreeNode) -> str:
+        """Shape, dtype, params and bytes as one line of text (checkpoint strings unescaped)."""
+        params, nbytes = self.stats(node)
+        sizes = f"{params:,} params, {render.human_bytes(nbytes)}"
+        if self.is_leaf(node):
+            leaf = self.leaf(node)
+            times = f"{node.count:,} × " if node.count > 1 else ""
+            return f"{times}{render.shape_text(leaf.shape)} {leaf.dtype}  {sizes}"
+        return (f"{node.count:,} folded  " if node.count > 1 else "") + sizes
+
+    def children(self, node: TreeNode) -> list[TreeNode]:
+        """The node's children, integer names with one structure folded together."""
+        names = self._children.get(node.path, [])
+        slots: list[str | int] = []
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            if not _keypaths._INDEX.match(name):
+                slots.append(name)
+                continue
+            signature = self.signature((*node.path, name))
+            if signature not in groups:
+                groups[signature] = []
+                slots.append(signature)
+            groups[signature].append(name)
+        out = []
+        for slot in slots:
+            members = [slot] if isinstance(slot, str) else groups[slot]
+            if len(members) == 1:
+                label = members[0]
+            else:
+                label = _keypaths.fold([(m,) for m in members])[0][0]
+            paths = tuple((*parent, m) for parent in node.paths for m in members)
+            out.append(TreeNode(label, paths, (*node.labels, label)))
+        return out
+
+    def signature(self, path: KeyPath) -> int:
+        """A small integer that two subtrees share exactly when their structure is the same."""
+        known = self._signatures.get(path)
+        if known is not None:
+            return known
+        leaf = self.info.leaves.get(path)
+        if leaf is not None:
+            key: Hashable = (leaf.shape, leaf.dtype, leaf.sharding)
+        else:
+            key = tuple((n, self.signature((*path, n))) for n in self._children.get(path, []))
+        signature = self._ids.setdefault(key, len(self._ids))
+        self._signatures[path] = signature
+        return signature
+
+    def subtree_leaves(self, path: KeyPath, limit: int) -> tuple[list[LeafInfo], int]:
+        """Up to ``limit`` leaves under ``path`` in saved order, and how many there are."""
+        shown: list[LeafInfo] = []
+        total = 0
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            if current in self.info.leaves:
+                total += 1
+                if len(shown) < limit:
+                    shown.append(self.info.leaves[current])
+                continue
+            names = self._children.get(current, [])
+            stack.extend((*current, n) for n in reversed(names))
+        return shown, total
+
+    def abstract_tree(self, path: KeyPath, limit: int) -> tuple[Any, int, int]:
+        """The subtree at ``path`` as nested dicts of ``jax.ShapeDtypeStruct``, for treescope.
+
+        Returns:
+          ``(tree, shown, total)``: at most ``limit`` leaves are in ``tree``.
+        """
+        import jax
+
+        leaves, total = self.subtree_leaves(path, limit)
+        if path in self.info.leaves:
+            return _abstract(jax, leaves[0]), 1, 1
+        tree: dict[str, Any] = {}
+        for leaf in leaves:
+            node = tree
+            for part in leaf.path[len(path) : -1]:
+                node = node.setdefault(part, {})
+            node[leaf.path[-1]] = _abstract(jax, leaf)
+        return tree, len(leaves), total
+
+    def text_rows(self, node: TreeNode, limit: int) -> list[tuple[str, str]]:
+        """``(label, description)`` of the node's first ``limit`` children, for text reprs."""
+        return [(render.clip(c.label), self.describe(c)) for c in self.children(node)[:limit]]
+
+
+def _abstract(jax: Any, leaf: LeafInfo) -> Any:
+    try:
+        return jax.ShapeDtypeStruct(leaf.shape, jax.numpy.dtype(leaf.dtype))
+    except TypeError:  # a dtype this JAX does not know: show the metadata record instead
+        return leaf

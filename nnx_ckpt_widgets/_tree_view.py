@@ -1,0 +1,236 @@
+"""``TreeView``: a checkpoint's tree as core ipywidgets, built lazily.
+
+Rows are widgets only once their parent is expanded, a page at a time, so a 10,000-leaf
+checkpoint puts a handful of rows in the page, not 10,000. Names are shown in ``Button``
+descriptions and tooltips (the front-end sets those as text, never as HTML) and everything in an
+``HTML`` widget goes through :func:`nnx_ckpt_widgets.render.esc`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as w
+import traitlets
+from ipywidgets.widgets.widget_string import HTMLStyle
+
+from nnx_ckpt_widgets import render
+from nnx_ckpt_widgets._display import MONO, treescope_output
+from nnx_ckpt_widgets._tree_model import TreeModel, TreeNode
+from nnx_ckpt_widgets.errors import InvalidArgumentError
+from nnx_ckpt_widgets.metadata import CheckpointInfo
+
+TREESCOPE_LEAVES = 100  # treescope costs milliseconds per leaf: a selection shows at most this
+_AUTO_ROWS = 120  # rows that may be opened at build time, over all levels
+_OPEN, _CLOSED = "▾", "▸"
+
+
+class _Shared:
+    """One Layout and one Style per kind of widget, shared by all rows.
+
+    Every distinct Layout or Style is one more model in the front-end: sharing them keeps a
+    row at three or four models.
+    """
+
+    def __init__(self) -> None:
+        self.line = w.Layout(align_items="center", overflow="hidden")
+        self.toggle = w.Layout(width="24px", height="22px", padding="0", margin="0")
+        self.name = w.Layout(width="auto", max_width="60%", height="22px", padding="0 4px")
+        self.leaf_name = w.Layout(
+            width="auto", max_width="60%", height="22px", padding="0 4px", margin="0 0 0 26px"
+        )
+        self.info = w.Layout(margin="0 0 0 6px", overflow="hidden")
+        self.nested = w.Layout(margin="0 0 0 16px")
+        self.box = w.Layout()
+        self.flat = w.ButtonStyle(button_color="transparent")
+        self.text = HTMLStyle()
+
+
+class _ChildList:
+    """The rows under one node, shown a page at a time."""
+
+    def __init__(self, view: TreeView, node: TreeNode, depth: int):
+        self.view, self.depth = view, depth
+        self.nodes = view.model.children(node)
+        self.rows: list[_Row] = []
+        self.more: w.Button | None = None
+        self.box = w.VBox(layout=view._shared.nested if depth > 1 else view._shared.box)
+        self.show_more()
+
+    def show_more(self, _button: Any = None) -> None:
+        start = len(self.rows)
+        for child in self.nodes[start : start + self.view.page_size]:
+            self.rows.append(_Row(self.view, child, self.depth))
+        left = len(self.nodes) - len(self.rows)
+        children: list[w.Widget] = [row.box for row in self.rows]
+        if left:
+            if self.more is None:
+                self.more = w.Button(layout=w.Layout(width="auto", margin="2px 0 2px 26px"))
+                self.more.on_click(self.show_more)
+            shown = min(left, self.view.page_size)
+            self.more.description = f"show {shown} more ({left:,} not shown)"
+            children.append(self.more)
+        self.box.children = children
+
+    def lines(self, indent: int) -> list[str]:
+        out = []
+        for row in self.rows:
+            out.extend(row.lines(indent))
+        if len(self.nodes) > len(self.rows):
+            out.append("  " * indent + f"… {len(self.nodes) - len(self.rows):,} more")
+        return out
+
+
+class _Row:
+    """One node: an expand button (unless a leaf), its name as a button, and its sizes."""
+
+    def __init__(self, view: TreeView, node: TreeNode, depth: int):
+        self.view, self.node, self.depth = view, node, depth
+        self.children: _ChildList | None = None
+        self.expanded = False
+        shared = view._shared
+        self.leaf = view.model.is_leaf(node)
+        self.name = w.Button(
+            description=render.clip(node.label, 80),
+            tooltip=render.clip(node.name, 300),
+            layout=shared.leaf_name if self.leaf else shared.name,
+            style=shared.flat,
+        )
+        self.name.on_click(lambda _b: view.select_node(node))
+        self.info = w.HTML(
+            f'<span style="{MONO};opacity:.75">{render.esc(view.model.describe(node))}</span>',
+            layout=shared.info,
+            style=shared.text,
+        )
+        self.toggle: w.Button | None = None
+        if self.leaf:
+            self.line = self.box = w.HBox([self.name, self.info], layout=shared.line)
+            return
+        self.toggle = w.Button(
+            description=_CLOSED, tooltip="expand", layout=shared.toggle, style=shared.flat
+        )
+        self.toggle.on_click(lambda _b: self.set_expanded(not self.expanded))
+        self.line = w.HBox([self.toggle, self.name, self.info], layout=shared.line)
+        self.box = w.VBox([self.line], layout=shared.box)
+        if depth < view.expand_depth and view._budget > 0:
+            view._budget -= min(len(view.model._children.get(node.path, ())), view.page_size)
+            self.set_expanded(True)
+
+    def set_expanded(self, expanded: bool) -> None:
+        if self.toggle is None or expanded == self.expanded:
+            return
+        self.expanded = expanded
+        if expanded and self.children is None:
+            self.children = _ChildList(self.view, self.node, self.depth + 1)
+        self.toggle.description = _OPEN if expanded else _CLOSED
+        self.toggle.tooltip = "collapse" if expanded else "expand"
+        self.box.children = [self.line, self.children.box] if expanded else [self.line]
+
+    def lines(self, indent: int) -> list[str]:
+        mark = "  " if self.leaf else (_OPEN if self.expanded else _CLOSED) + " "
+        text = f"{'  ' * indent}{mark}{render.clip(self.node.label)}  "
+        out = [text + self.view.model.describe(self.node)]
+        if self.expanded and self.children is not None:
+            out.extend(self.children.lines(indent + 1))
+        return out
+
+
+class TreeView(w.HBox):
+    """A checkpoint's tree, folded, expanded on demand, with a treescope view of a selection.
+
+    Args:
+      info: what :func:`nnx_ckpt_widgets.inspect` read.
+      expand_depth: levels open at first (fewer when they hold many rows).
+      page_size: rows shown per page under one node.
+    """
+
+    selected = traitlets.Unicode(
+        "", help="The selected node, spelled 'layers/{0..47}/kernel'; empty when none is."
+    )
+    expand_depth = traitlets.Int(2, help="Levels of the tree that are open when it is built.")
+    page_size = traitlets.Int(40, help="Rows shown under one node before a 'show more' button.")
+
+    @traitlets.validate("expand_depth", "page_size")
+    def _check_positive(self, proposal: Any) -> int:
+        name, value = proposal["trait"].name, proposal["value"]
+        low = 0 if name == "expand_depth" else 1
+        if value < low:
+            raise traitlets.TraitError(f"{name} must be at least {low}, got {value}.")
+        return value
+
+    def __init__(self, info: CheckpointInfo, *, expand_depth: int = 2, page_size: int = 40):
+        super().__init__(layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        self.expand_depth, self.page_size = expand_depth, page_size
+        self.model = TreeModel(info)
+        self._shared = _Shared()
+        self._budget = _AUTO_ROWS
+        self._top = _ChildList(self, self.model.root, 1)
+        self.caption = w.HTML(
+            f'<span style="{MONO};opacity:.7">Click a name to show it with treescope.</span>'
+        )
+        self.output = w.Output(layout=w.Layout(max_height="420px", overflow="auto"))
+        self.detail = w.VBox(
+            [self.caption, self.output], layout=w.Layout(flex="1 1 320px", min_width="0")
+        )
+        tree_box = w.VBox(
+            [self._top.box],
+            layout=w.Layout(flex="1 1 360px", min_width="0", max_height="480px", overflow="auto"),
+        )
+        self.children = [tree_box, self.detail]
+
+    def row(self, *labels: str) -> _Row:
+        """The row at ``labels`` (e.g. ``row("layers", "{0..47}")``), opening its parents.
+
+        Raises:
+          InvalidArgumentError: no node has those labels.
+        """
+        children = self._top
+        for depth, label in enumerate(labels):
+            here = [node.label for node in children.nodes]
+            if label not in here:
+                break
+            index = here.index(label)
+            while len(children.rows) <= index:
+                children.show_more()
+            found = children.rows[index]
+            if depth == len(labels) - 1:
+                return found
+            found.set_expanded(True)
+            if found.children is None:
+                break
+            children = found.children
+        raise InvalidArgumentError(
+            f"The tree has no node {'/'.join(labels)!r}; its top level holds: "
+            f"{', '.join(n.label for n in self._top.nodes[:10])}."
+        )
+
+    def select(self, *labels: str) -> None:
+        """Show the node at ``labels`` with treescope, as clicking its name does."""
+        self.select_node(self.row(*labels).node)
+
+    def select_node(self, node: TreeNode) -> None:
+        tree, shown, total = self.model.abstract_tree(node.path, TREESCOPE_LEAVES)
+        notes = [self.model.describe(node)]
+        if node.count > 1:
+            notes.append(
+                f"{node.count:,} folded subtrees of one structure; showing {'/'.join(node.path)}"
+            )
+        if shown < total:
+            notes.append(f"showing the first {shown:,} of {total:,} arrays")
+        text = f"{node.name}: {'; '.join(notes)}"
+        self.caption.value = (
+            f'<div style="{MONO};overflow-wrap:anywhere"><b>{render.esc(node.name)}</b>: '
+            f"{render.esc('; '.join(notes))}</div>"
+        )
+        self.output.outputs = (treescope_output(tree, text=render.clip(text, 300)),)
+        self.selected = node.name
+
+    def text(self, max_lines: int = 200) -> str:
+        """The rows now open, as indented text; folded and unexpanded rows stay folded."""
+        lines = self._top.lines(0)
+        if len(lines) > max_lines:
+            lines = [*lines[:max_lines], f"… {len(lines) - max_lines:,} more rows"]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"TreeView({len(self.model.info.leaves):,} arrays)\n{self.text(40)}"

@@ -1,0 +1,211 @@
+"""Jupyter widgets over the library: ``CheckpointBrowser`` and the ``SideBySide`` view.
+
+Core ipywidgets only, with no front-end code of our own, so they work wherever ipywidgets does
+(JupyterLab 4, Notebook 7, VS Code, Colab). Strings from a checkpoint reach the page either
+escaped by :func:`nnx_ckpt_widgets.render.esc` inside ``HTML`` widgets or as plain text
+(button descriptions, dropdown labels), which the front-end never parses as HTML.
+
+The text form of each widget (``repr``, which is also its ``text/plain`` output) is a
+deterministic summary, so notebooks checked by nbval can store it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ipywidgets as w
+import traitlets
+
+from nnx_ckpt_widgets import render
+from nnx_ckpt_widgets._display import full_text_bundle
+from nnx_ckpt_widgets._restore_panel import RestorePanel
+from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
+from nnx_ckpt_widgets._tree_view import TreeView
+from nnx_ckpt_widgets.compare import LoadReport
+from nnx_ckpt_widgets.metadata import CheckpointInfo, inspect
+
+__all__ = ["CheckpointBrowser", "SideBySide", "compare_states"]
+
+
+class CheckpointBrowser(w.VBox):
+    """Browse a checkpoint from its metadata and, given a model, restore it into the model.
+
+    Args:
+      path: a checkpoint folder, a ``CheckpointManager`` root, or one of its step folders.
+      model: an NNX model (or other graph node, or ``nnx.State``) to compare and restore into.
+      step: under a manager root, the step to open; the latest by default.
+      item: the item to open when a step holds several.
+      expand_depth: tree levels open at first.
+      page_size: tree rows shown under one node before a "show more" button.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read, or ``model`` is not NNX state.
+
+    Example::
+
+        browser = CheckpointBrowser("ckpt/", model)
+        browser.restore_button.click()
+        browser.wait()
+        assert browser.status.startswith("Restored")
+    """
+
+    status = traitlets.Unicode(
+        "", help="The restore status as text (empty without a model), e.g. 'Restored 4 arrays'."
+    )
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model: Any = None,
+        *,
+        step: int | None = None,
+        item: str | None = None,
+        expand_depth: int = 2,
+        page_size: int = 40,
+    ):
+        super().__init__(layout=w.Layout(width="100%"))
+        self.path = path
+        self.model = model
+        self._tree_options = {"expand_depth": expand_depth, "page_size": page_size}
+        self._filling = False
+        self.info = inspect(path, step=step, item=item)
+        self.header = w.HTML()
+        self.step_selector = w.Dropdown(description="step", layout=w.Layout(width="auto"))
+        self.item_selector = w.Dropdown(description="item", layout=w.Layout(width="auto"))
+        self.tree = TreeView(self.info, **self._tree_options)
+        self.panel: RestorePanel | None = None
+        if model is not None:
+            self.panel = RestorePanel(self.info, model)
+            self.panel.observe(self._panel_changed, names=["status", "running"])
+            self.status = self.panel.status
+        self._fill_selectors()
+        self.step_selector.observe(self._selection_changed, "value")
+        self.item_selector.observe(self._selection_changed, "value")
+        self._render_header()
+        self._layout()
+
+    @property
+    def restore_button(self) -> w.Button:
+        """The Restore button; ``restore_button.click()`` restores from Python.
+
+        Raises:
+          AttributeError: the browser was made without a model.
+        """
+        if self.panel is None:
+            raise AttributeError(
+                "This CheckpointBrowser has no model, so no Restore button; pass one: "
+                "CheckpointBrowser(path, model)."
+            )
+        return self.panel.button
+
+    @property
+    def report(self) -> LoadReport | None:
+        """The load report of the checkpoint against the model, after the last restore."""
+        if self.panel is None:
+            return None
+        return self.panel.result or self.panel.report
+
+    def wait(self, timeout: float | None = None) -> LoadReport | None:
+        """Block until a running restore ends; see :meth:`RestorePanel.wait`."""
+        return None if self.panel is None else self.panel.wait(timeout)
+
+    def _fill_selectors(self) -> None:
+        info = self.info
+        latest = info.steps[-1].step if info.steps else None
+        options = []
+        for step in info.steps:
+            label = render._step_text(step)
+            options.append((label + ("  (latest)" if step.step == latest else ""), step.step))
+        self._filling = True  # setting options moves the value: not a user's choice
+        try:
+            self.step_selector.options = options
+            self.step_selector.value = info.step
+            self.item_selector.options = list(info.items)
+            self.item_selector.value = info.item if info.items else None
+        finally:
+            self._filling = False
+
+    def _selection_changed(self, change: dict[str, Any]) -> None:
+        step, item = self.step_selector.value, self.item_selector.value
+        if self._filling or (self.panel is not None and self.panel.running):
+            return
+        if change["owner"] is self.step_selector:
+            if step == self.info.step:
+                return
+            item = self.info.item if self.info.item in _items_of(self.info, step) else None
+        elif item == self.info.item:
+            return
+        self.info = inspect(self.path, step=step, item=item)
+        self.tree = TreeView(self.info, **self._tree_options)
+        if self.panel is not None:
+            self.panel.set_info(self.info)
+        self._fill_selectors()
+        self._render_header()
+        self._layout()
+
+    def _panel_changed(self, change: dict[str, Any]) -> None:
+        if change["name"] == "status":
+            self.status = change["new"]
+        else:
+            self.step_selector.disabled = self.item_selector.disabled = change["new"]
+
+    def _render_header(self) -> None:
+        info = self.info
+        where = render.where(info.path, info.step, info.item, info.steps)
+        self.header.value = (
+            f'<div style="{render.BOX_STYLE}"><b>{render.esc(where)}</b><br>'
+            f"{render.esc(info.format)} · {len(info.leaves):,} arrays · "
+            f"{info.num_params:,} params · {render.esc(render.human_bytes(info.nbytes))}</div>"
+        )
+
+    def _layout(self) -> None:
+        selectors = []
+        if self.info.steps:
+            selectors.append(self.step_selector)
+        if len(self.info.items) > 1:
+            selectors.append(self.item_selector)
+        children: list[w.Widget] = [self.header]
+        if selectors:
+            children.append(w.HBox(selectors))
+        children.append(self.tree)
+        if self.panel is not None:
+            children.append(self.panel)
+        self.children = children
+
+    def __repr__(self) -> str:
+        info = self.info
+        lines = [
+            f"CheckpointBrowser: {render.where(info.path, info.step, info.item, info.steps)}",
+            f"format {info.format}: {len(info.leaves):,} arrays, {info.num_params:,} params, "
+            f"{render.human_bytes(info.nbytes)}",
+        ]
+        if info.steps:
+            latest = info.steps[-1].step
+            steps = [
+                render._step_text(s) + (" latest" if s.step == latest else "") for s in info.steps
+            ]
+            lines.append("steps: " + ", ".join(steps))
+        if len(info.items) > 1:
+            lines.append("items: " + ", ".join(render.clip(i, 40) for i in info.items))
+        lines.append("tree:")
+        lines.extend("  " + line for line in self.tree.text(20).splitlines())
+        if self.panel is not None:
+            report = self.report
+            counts = ", ".join(f"{n} {status}" for status, n in report.counts.items() if n)
+            lines.append(f"load report: {counts}")
+            lines.append(f"status: {self.status}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        return full_text_bundle(self, **kwargs)
+
+
+def _items_of(info: CheckpointInfo, step: int | None) -> tuple[str, ...]:
+    for candidate in info.steps:
+        if candidate.step == step:
+            return candidate.items
+    return ()
