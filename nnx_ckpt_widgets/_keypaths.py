@@ -7,13 +7,15 @@ everything to ``str`` once, here, is what makes ``layers/0/kernel`` match on bot
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Hashable, Iterable, Sequence
 
 KeyPath = tuple[str, ...]
 
 SEP = "/"
-_INDEX = re.compile(r"^\d+$")
+# Canonical ASCII integers only: "007" is a name, not the index 7.
+_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def to_keypath(path: Iterable[Hashable]) -> KeyPath:
@@ -29,9 +31,11 @@ def join(path: Sequence[str]) -> str:
 def fold(paths: Iterable[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
     """Fold repeated layer indices: ``layers/0/w`` .. ``layers/47/w`` -> ``layers/{0..47}/w``.
 
-    Paths that differ only in integer parts are grouped under one pattern. The first integer
-    position that varies is folded; a group is shown as a range when its indices are
-    contiguous and as a list otherwise.
+    Paths that differ only in integer parts are grouped under one pattern, shown as a range
+    when the indices are contiguous and as a list otherwise. A pattern never stands for a path
+    that is not there: several integer positions fold together only when every combination is
+    present (``blocks/{0..3}/heads/{0..7}``); otherwise only the first one that varies folds.
+    Only canonical integers (``0``, ``12``, not ``007``) count as indices.
 
     Args:
       paths: key paths, in the order to keep.
@@ -39,24 +43,38 @@ def fold(paths: Iterable[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
     Returns:
       ``(pattern, members)`` pairs in order of first appearance.
     """
+    first_seen: dict[KeyPath, int] = {}
     groups: dict[tuple[str, ...], list[KeyPath]] = {}
-    for path in paths:
+    for n, path in enumerate(paths):
+        first_seen.setdefault(path, n)
         shape = tuple("#" if _INDEX.match(part) else part for part in path)
         groups.setdefault(shape, []).append(path)
-    folded = []
-    for shape, members in groups.items():
-        if len(members) == 1:
-            folded.append((join(members[0]), members))
-            continue
-        parts = []
-        for position, part in enumerate(shape):
-            if part != "#":
-                parts.append(part)
-                continue
-            values = sorted({int(m[position]) for m in members})
-            parts.append(str(values[0]) if len(values) == 1 else _span(values))
-        folded.append((join(parts), members))
-    return folded
+    folded = [pair for members in groups.values() for pair in _fold_group(members)]
+    return sorted(folded, key=lambda pair: first_seen[pair[1][0]])
+
+
+def _fold_group(members: list[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
+    """Fold paths that differ only in their integer parts (same length, same other parts)."""
+    if len(members) == 1:
+        return [(join(members[0]), members)]
+    values = {
+        position: sorted({int(m[position]) for m in members})
+        for position, part in enumerate(members[0])
+        if _INDEX.match(part)
+    }
+    varying = [position for position, found in values.items() if len(found) > 1]
+    if len(set(members)) != math.prod(len(values[position]) for position in varying):
+        # Not every combination is there: fold the first varying position only.
+        first = varying[0]
+        subgroups: dict[KeyPath, list[KeyPath]] = {}
+        for m in members:
+            subgroups.setdefault(m[:first] + m[first + 1 :], []).append(m)
+        return [pair for sub in subgroups.values() for pair in _fold_group(sub)]
+    parts = [
+        _span(values[position]) if position in varying else part
+        for position, part in enumerate(members[0])
+    ]
+    return [(join(parts), members)]
 
 
 def _span(values: list[int]) -> str:
