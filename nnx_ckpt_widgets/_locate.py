@@ -4,7 +4,8 @@ Only directory listings and small JSON files are read here. A ``CheckpointManage
 one folder per step (``0/``, ``1/``, ...), each with one folder per item (``default/``, or
 ``model/`` and ``optimizer/`` for a ``Composite``) and, when metrics were given, a ``metrics``
 item written by Orbax's JSON handler. A save that was interrupted leaves a folder whose name
-contains ``.orbax-checkpoint-tmp``; it is never offered as a step.
+contains ``.orbax-checkpoint-tmp`` (or, on file systems without atomic rename, a step folder
+with no commit marker); it is never offered as a step.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from nnx_ckpt_widgets.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    InvalidArgumentError,
     ItemSelectionError,
 )
 
@@ -94,6 +95,7 @@ def locate(
       IncompleteCheckpointError: the save at ``path`` (or of ``step``) was interrupted.
       CorruptCheckpointError: Orbax files are there but damaged.
       ItemSelectionError: the step holds several items and ``item`` does not pick one.
+      InvalidArgumentError: ``step`` was given for a single checkpoint.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -113,7 +115,7 @@ def locate(
         )
     if (root / PYTREE_METADATA).exists():
         if step is not None:
-            raise CheckpointError(
+            raise InvalidArgumentError(
                 f"Checkpoint at {root} is a single checkpoint, not a CheckpointManager root; "
                 "drop step= or pass the manager's root folder."
             )
@@ -125,8 +127,13 @@ def locate(
     step_names = [e for e in entries if e.isdigit() and (root / e).is_dir()]
     tmp_names = [e for e in entries if TMP_MARKER in e]
     if step_names or tmp_names:
-        steps = tuple(_read_step(root / name, int(name)) for name in sorted(step_names, key=int))
-        return _pick_step(root, steps, tmp_names, step, item)
+        steps, unfinished = [], list(tmp_names)
+        for name in sorted(step_names, key=int):
+            try:
+                steps.append(_read_step(root / name, int(name)))
+            except IncompleteCheckpointError:
+                unfinished.append(name)  # like a tmp folder: never offered, named if asked for
+        return _pick_step(root, tuple(steps), unfinished, step, item)
     if any(name in entries for name in _ORBAX_FILES) or "d" in entries:
         raise CorruptCheckpointError(
             f"Checkpoint at {root} is damaged: its {PYTREE_METADATA} file is missing; restore "
