@@ -191,8 +191,7 @@ def _restore(
 
     # Everything is read and computed: only now is the target touched. Setting a Variable's
     # value cannot fail half-way for values whose shapes were checked above.
-    for leaf, value in updates:
-        leaf.variable.set_value(value)
+    _apply(target, updates)
 
     entries = tuple(_with_action(e, actions.get(e.path)) for e in report.entries)
     return LoadReport(
@@ -206,6 +205,23 @@ def _restore(
     )
 
 
+def _apply(target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
+    from flax import nnx
+
+    # An nnx.State (or an nnx.data attribute) may hold plain arrays rather than Variables:
+    # those are replaced in their container, through nnx.update.
+    plain = {
+        leaf.raw_path: value
+        for leaf, value in updates
+        if not isinstance(leaf.variable, nnx.Variable)
+    }
+    if plain:
+        nnx.update(target, nnx.from_flat_state(plain))
+    for leaf, value in updates:
+        if isinstance(leaf.variable, nnx.Variable):
+            leaf.variable.set_value(value)
+
+
 def _with_action(entry: KeyStatus, action: str | None) -> KeyStatus:
     import dataclasses
 
@@ -214,7 +230,8 @@ def _with_action(entry: KeyStatus, action: str | None) -> KeyStatus:
 
 def _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing) -> None:
     if strict:
-        if not report.ok:
+        allowed = ("matched", "dtype mismatch") if cast else ("matched",)
+        if any(e.status not in allowed for e in report.entries):
             raise mismatch_error(
                 report,
                 "pass strict=False to keep or zero missing keys and skip unexpected ones, "
@@ -287,8 +304,8 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
         raise CorruptCheckpointError(
-            f"Checkpoint at {info.item_dir} could not be read: {_first_line(err)}; the target "
-            "was left unchanged, restore the checkpoint from a copy or save it again."
+            f"Checkpoint at {info.item_dir} could not be read: {_first_line(_root_cause(err))}; "
+            "the target was left unchanged, restore the checkpoint from a copy or save it again."
         ) from err
     out = []
     for (leaf, target), value in zip(pairs, values):
@@ -305,6 +322,15 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
             value = jax.random.wrap_key_data(value, impl=target.key_impl)
         out.append(value)
     return out
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost chained error: Orbax wraps TensorStore's precise one in a vague one."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
 
 
 def _is_sharding(sharding: Any) -> bool:

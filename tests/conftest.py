@@ -6,6 +6,7 @@ own copy (:func:`copy_checkpoint`).
 
 from __future__ import annotations
 
+import gc
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -148,6 +149,22 @@ def corrupt_chunks(item_dir: Path, array_name: str) -> int:
         hit += length
     assert hit, f"array {array_name!r} has no chunk outside the B-tree in {item_dir}"
     return hit
+
+
+@pytest.fixture
+def failing_orbax_read():
+    """For a test whose Orbax restore fails on purpose.
+
+    Orbax then leaves coroutines of its own un-awaited; Python reports them whenever they are
+    collected, which could be during a later test. Collect them here, where the test's
+    ``filterwarnings`` mark (``FAILING_READ``) applies.
+    """
+    yield
+    gc.collect()
+
+
+# Orbax's un-awaited read coroutines (not ours): see ``failing_orbax_read``.
+FAILING_READ = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 # --- array snapshots ------------------------------------------------------------------------

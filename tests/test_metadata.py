@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from conftest import (
+    FAILING_READ,
     MLP,
     Stack,
     chunk_locations,
@@ -257,6 +258,8 @@ def test_repr_html_escapes_names(tmp_path):
 # --- metadata only, never array bytes --------------------------------------------------------
 
 
+@FAILING_READ
+@pytest.mark.usefixtures("failing_orbax_read")
 def test_inspect_and_compare_never_read_array_bytes(tmp_path):
     """Destroy every stored chunk: reading any array byte would fail, but metadata still reads.
 
