@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from nnx_ckpt_widgets._tree_metadata import _first_line
 from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError
 
 
@@ -45,10 +46,10 @@ def _load_factory(spec: str):
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, AttributeError) as err:
+    except Exception as err:  # ImportError, AttributeError, or whatever the module raises
         raise InvalidArgumentError(
-            f"Cannot find the model factory {spec!r} ({err}); check that the module is on "
-            "PYTHONPATH and defines that function."
+            f"Cannot find the model factory {spec!r} ({_first_line(err)}); check that the "
+            "module is on PYTHONPATH and defines that function."
         ) from err
 
 
@@ -64,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flax import nnx
 
             factory = _load_factory(args.model)
-            target = nnx.eval_shape(factory)
+            try:
+                target = nnx.eval_shape(factory)
+            except Exception as err:  # the user's code: any error, reported on one line
+                raise InvalidArgumentError(
+                    f"The model factory {args.model!r} failed ({type(err).__name__}: "
+                    f"{_first_line(err)}); it must take no arguments and return an NNX model."
+                ) from err
             print(compare(args.path, target, step=args.step, item=args.item))
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
