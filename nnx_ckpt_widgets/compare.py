@@ -30,7 +30,9 @@ class TargetLeaf:
     """One array of the target, spelled the way the checkpoint stores it.
 
     A typed PRNG key (``key<fry>``) is stored by Orbax as its ``uint32`` key data, so
-    ``shape`` and ``dtype`` here are those of ``jax.random.key_data`` of it.
+    ``shape`` and ``dtype`` here are those of ``jax.random.key_data`` of it. A Python scalar
+    (``nnx.Variable(0)``) is stored as a 0-d value of NumPy's dtype for it (``int64``);
+    ``scalar_type`` is then its Python type.
     """
 
     path: KeyPath
@@ -41,6 +43,7 @@ class TargetLeaf:
     sharding: Any = None
     key_impl: Any = None
     abstract: bool = False
+    scalar_type: type | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +206,7 @@ def flatten_target(target: Any) -> list[TargetLeaf]:
       InvalidArgumentError: ``target`` is none of these.
     """
     import jax
+    import numpy as np
     from flax import nnx
 
     if isinstance(target, nnx.State):
@@ -217,8 +221,20 @@ def flatten_target(target: Any) -> list[TargetLeaf]:
     leaves = []
     for raw_path, variable in nnx.to_flat_state(state):
         value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+        if isinstance(value, (bool, int, float)):
+            leaves.append(
+                TargetLeaf(
+                    path=_keypaths.to_keypath(raw_path),
+                    raw_path=tuple(raw_path),
+                    variable=variable,
+                    shape=(),
+                    dtype=np.asarray(value).dtype.name,
+                    scalar_type=type(value),
+                )
+            )
+            continue
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-            continue  # Python scalars and other non-array state are not checkpointed as arrays.
+            continue  # strings and other non-array state are not checkpointed as arrays.
         abstract = isinstance(value, jax.ShapeDtypeStruct)
         shape, dtype, key_impl = tuple(value.shape), value.dtype, None
         if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):

@@ -191,7 +191,7 @@ def _restore(
 
     # Everything is read and computed: only now is the target touched. Setting a Variable's
     # value cannot fail half-way for values whose shapes were checked above.
-    _apply(target, updates)
+    _apply(target, [(leaf, _as_scalar(leaf, value)) for leaf, value in updates])
 
     entries = tuple(_with_action(e, actions.get(e.path)) for e in report.entries)
     return LoadReport(
@@ -220,6 +220,15 @@ def _apply(target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
     for leaf, value in updates:
         if isinstance(leaf.variable, nnx.Variable):
             leaf.variable.set_value(value)
+
+
+def _as_scalar(leaf: TargetLeaf, value: Any) -> Any:
+    """A Python scalar target gets a Python scalar back, whatever Orbax or jit returned."""
+    if leaf.scalar_type is None:
+        return value
+    import numpy as np
+
+    return leaf.scalar_type(np.asarray(value).item())
 
 
 def _with_action(entry: KeyStatus, action: str | None) -> KeyStatus:
@@ -265,6 +274,8 @@ def _zeros(leaf: TargetLeaf) -> Any:
     import jax
     import jax.numpy as jnp
 
+    if leaf.scalar_type is not None:
+        return leaf.scalar_type(0)
     if leaf.key_impl is not None:
         data = jnp.zeros(leaf.shape, leaf.dtype)
         return jax.random.wrap_key_data(data, impl=leaf.key_impl)
@@ -285,6 +296,11 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
     item: dict = {}
     restore_args: dict = {}
     for leaf, target in pairs:
+        if target.scalar_type is not None:
+            # Python scalars go through Orbax's scalar handler, which takes no sharding.
+            _nest(item, leaf.stored_path, target.scalar_type(0))
+            _nest(restore_args, leaf.stored_path, ocp.RestoreArgs())
+            continue
         # A key array's sharding describes the key, not its uint32 data: restore those locally.
         usable = target.key_impl is None and _is_sharding(target.sharding)
         sharding = target.sharding if usable else default_sharding
@@ -309,6 +325,9 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
         ) from err
     out = []
     for (leaf, target), value in zip(pairs, values):
+        if target.scalar_type is not None:
+            out.append(value)  # converted to the target's Python type when applied
+            continue
         # Orbax hands typed PRNG keys back as keys already; check their data like any array.
         is_key = jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
         data = jax.random.key_data(value) if is_key else value
