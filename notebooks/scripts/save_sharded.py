@@ -1,0 +1,41 @@
+"""Saves a sharded TwoLayerMLP from every process: run it as 2 processes x 2 CPU devices.
+
+    python -m nnx_ckpt_widgets.launch --num-processes 2 --devices-per-process 2 \\
+        notebooks/scripts/save_sharded.py OUTDIR
+
+The checkpoint goes to OUTDIR/state, which must not exist yet.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from sharded_mlp import DIM, SAVE_AXES, TwoLayerMLP, checksums, describe_shards
+
+from nnx_ckpt_widgets.launch import initialize
+
+initialize()  # connect the processes: before any JAX computation
+
+path = Path(sys.argv[1]).absolute() / "state"
+# One mesh over the devices of all processes: jax.devices() is global after initialize().
+mesh = jax.make_mesh((2, 2), ("data", "model"))
+with jax.set_mesh(mesh):
+    # Under a mesh, each annotated kernel is created already split over the devices.
+    model = TwoLayerMLP(DIM, SAVE_AXES, rngs=nnx.Rngs(0))
+state = nnx.state(model)
+
+print(f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} devices")
+for line in describe_shards(state):
+    print(line)
+
+# Every process calls save: each writes the blocks it holds, process 0 also the metadata.
+checkpointer = ocp.StandardCheckpointer()
+checkpointer.save(path, state)
+checkpointer.wait_until_finished()
+
+sums = checksums(state)  # collective: every process takes part
+if jax.process_index() == 0:
+    for name, digest in sums.items():
+        print(f"saved {name} sha256 {digest}")
