@@ -40,7 +40,7 @@ unit: $(VENV)/.test-installed
 
 # Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg.
 nbval: $(VENV)/.test-installed
-	$(PYTEST) --nbval notebooks --sanitize-with tests/nbval_sanitize.cfg
+	$(PYTEST) --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser: $(VENV)/.test-installed
 	$(PYTEST) tests -m browser

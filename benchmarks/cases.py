@@ -283,7 +283,7 @@ def case_notebooks(tmp: Path, size: Size) -> list[Result]:
                 "-q",
                 "--nbval",
                 str(notebook),
-                "--sanitize-with",
+                "--nbval-sanitize-with",
                 str(REPO / "tests" / "nbval_sanitize.cfg"),
                 "-p",
                 "no:cacheprovider",
