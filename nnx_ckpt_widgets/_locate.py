@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ PYTREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_MARKER = "commit_success.txt"
 METRICS_ITEM = "metrics"
+# A step folder is "<step>", "<prefix>_<step>" (CheckpointManagerOptions.step_prefix) or
+# zero-padded (step_format_fixed_length): Orbax's own step-name pattern.
+_STEP_NAME = re.compile(r"^(?:.+_)?(\d+)$")
 _ORBAX_FILES = (PYTREE_METADATA, STEP_METADATA, "manifest.ocdbt", "_sharding", COMMIT_MARKER)
 
 
@@ -123,14 +127,14 @@ def locate(
         return Location(path=root, item_dir=root)
     entries = _listdir(root)
     if _is_step_dir(root, entries):
-        return _pick_item(root, root, _read_step(root, int(root.name)), (), item)
-    step_names = [e for e in entries if e.isdigit() and (root / e).is_dir()]
+        return _pick_item(root, root, _read_step(root, _step_number(root.name)), (), item)
+    step_names = [e for e in entries if _is_step_name(root / e)]
     tmp_names = [e for e in entries if TMP_MARKER in e]
     if step_names or tmp_names:
         steps, unfinished = [], list(tmp_names)
-        for name in sorted(step_names, key=int):
+        for name in sorted(step_names, key=_step_number):
             try:
-                steps.append(_read_step(root / name, int(name)))
+                steps.append(_read_step(root / name, _step_number(name)))
             except IncompleteCheckpointError:
                 unfinished.append(name)  # like a tmp folder: never offered, named if asked for
         return _pick_step(root, tuple(steps), unfinished, step, item)
@@ -159,7 +163,22 @@ def _listdir(folder: Path) -> list[str]:
 
 
 def _is_step_dir(folder: Path, entries: list[str]) -> bool:
-    return folder.name.isdigit() and STEP_METADATA in entries
+    return _step_number(folder.name) is not None and STEP_METADATA in entries
+
+
+def _step_number(name: str) -> int | None:
+    """``12`` for a step folder (or its tmp folder) named ``12``, ``ckpt_12`` or ``000012``."""
+    match = _STEP_NAME.match(name.split(TMP_MARKER)[0].removesuffix("."))
+    return int(match.group(1)) if match else None
+
+
+def _is_step_name(folder: Path) -> bool:
+    if TMP_MARKER in folder.name or _step_number(folder.name) is None or not folder.is_dir():
+        return False
+    if folder.name.isdigit():
+        return True
+    # A prefixed name such as "run_3" may be anything: count it only if it looks like a step.
+    return (folder / STEP_METADATA).exists() and not (folder / PYTREE_METADATA).exists()
 
 
 def _read_json(file: Path, what: str) -> Any:
@@ -229,7 +248,7 @@ def _pick_step(
     else:
         matches = [s for s in steps if s.step == step]
         if not matches:
-            if any(name.split(".")[0] == str(step) for name in tmp_names):
+            if any(_step_number(name) == step for name in tmp_names):
                 raise IncompleteCheckpointError(
                     f"Checkpoint at {root / str(step)} is incomplete: the save of step {step} "
                     f"was interrupted; pick another step (restorable: {available})."
