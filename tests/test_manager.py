@@ -252,6 +252,9 @@ def test_single_item_root_is_the_default_item(tmp_path):
     assert_same_arrays(snapshot(saved[2]), loaded)
     with pytest.raises(ncw.ItemSelectionError, match=r"'model'.*default"):
         ncw.inspect(root, item="model")
+    result = _run_cli("inspect", str(root), "--step", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == str(ncw.inspect(root, step=1)) + "\n"
 
 
 def test_steps_and_metrics_are_what_the_manager_kept(composite_root):
