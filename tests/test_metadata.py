@@ -458,3 +458,19 @@ def test_leaf_nbytes_matches_numpy():
     assert leaf.size == 15
     assert leaf.nbytes == 30
     assert ncw.LeafInfo(("s",), ("s",), (), "int8").nbytes == 1
+
+
+def test_every_error_is_a_checkpoint_error():
+    for cls in (
+        ncw.CheckpointNotFoundError,
+        ncw.IncompleteCheckpointError,
+        ncw.CorruptCheckpointError,
+        ncw.CheckpointMismatchError,
+        ncw.ItemSelectionError,
+        ncw.InvalidArgumentError,
+    ):
+        assert issubclass(cls, ncw.CheckpointError)
+        assert cls.__module__ == "nnx_ckpt_widgets.errors"
+    # Callers catching the built-in kinds still catch ours.
+    assert issubclass(ncw.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(ncw.InvalidArgumentError, ValueError)
