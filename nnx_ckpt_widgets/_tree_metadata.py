@@ -185,7 +185,7 @@ def _read_with_orbax(item_dir: Path) -> list[StoredLeaf]:
     import orbax.checkpoint as ocp
 
     try:
-        metadata = ocp.PyTreeCheckpointHandler().metadata(item_dir)
+        metadata = ocp.PyTreeCheckpointHandler().metadata(item_dir.absolute())  # Orbax: absolute
     except Exception as err:  # Orbax raises many unrelated types for damaged metadata.
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: Orbax cannot read its metadata "

@@ -310,7 +310,7 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(
-                info.item_dir,
+                info.item_dir.absolute(),  # Orbax rejects relative paths; inspect accepts them
                 args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=True
                 ),
