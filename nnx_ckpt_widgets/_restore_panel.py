@@ -66,6 +66,7 @@ class RestorePanel(w.VBox):
         )
         self.cast = w.Checkbox(description="cast dtypes", indent=False)
         self.button = w.Button(description="Restore", button_style="primary", icon="download")
+        self.button.add_class("nnx-ckpt-restore")
         self.status_html = w.HTML()
         for option in (self.mode, self.missing, self.unexpected, self.cast):
             option.observe(self._options_changed, "value")

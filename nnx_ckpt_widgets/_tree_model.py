@@ -19,27 +19,36 @@ from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
 @dataclasses.dataclass(frozen=True)
 class TreeNode:
-    """One row of the tree.
+    """One row of the tree: the child ``members`` of every path in ``parents``.
 
     Attributes:
       label: the name shown, e.g. ``linear1`` or ``{0..47}`` for folded layers.
-      paths: the subtrees the row stands for, one unless folded; all share one structure.
+      parents: the paths this node's subtrees hang from; several under a folded node.
+      members: the child names folded into this node; one unless folded.
       labels: the labels from the root down to this node, for finding it again.
     """
 
     label: str
-    paths: tuple[KeyPath, ...]
+    parents: tuple[KeyPath, ...]
+    members: tuple[str, ...]
     labels: tuple[str, ...] = ()
 
     @property
     def path(self) -> KeyPath:
         """The first subtree the node stands for."""
-        return self.paths[0]
+        return (*self.parents[0], self.members[0]) if self.members else self.parents[0]
+
+    @property
+    def paths(self) -> list[KeyPath]:
+        """Every subtree the node stands for (built on demand: a fold may hold thousands)."""
+        if not self.members:
+            return list(self.parents)
+        return [(*parent, m) for parent in self.parents for m in self.members]
 
     @property
     def count(self) -> int:
         """How many subtrees were folded into this node."""
-        return len(self.paths)
+        return len(self.parents) * max(len(self.members), 1)
 
     @property
     def name(self) -> str:
@@ -102,8 +111,8 @@ class TreeModel:
                 label = members[0]
             else:
                 label = _keypaths.fold([(m,) for m in members])[0][0]
-            paths = tuple((*parent, m) for parent in node.paths for m in members)
-            out.append(TreeNode(label, paths, (*node.labels, label)))
+            parents = tuple(node.paths) if node.count > 1 else (node.path,)
+            out.append(TreeNode(label, parents, tuple(members), (*node.labels, label)))
         return out
 
     def signature(self, path: KeyPath) -> int:
@@ -111,11 +120,20 @@ class TreeModel:
         known = self._signatures.get(path)
         if known is not None:
             return known
-        leaf = self.info.leaves.get(path)
+        leaves = self.info.leaves
+        leaf = leaves.get(path)
         if leaf is not None:
             key: Hashable = (leaf.shape, leaf.dtype, leaf.sharding)
         else:
-            key = tuple((n, self.signature((*path, n))) for n in self._children.get(path, []))
+            parts = []
+            for name in self._children.get(path, ()):
+                child = (*path, name)
+                below = leaves.get(child)  # most children are leaves: skip the call for them
+                if below is None:
+                    parts.append((name, self.signature(child)))
+                else:
+                    parts.append((name, below.shape, below.dtype, below.sharding))
+            key = tuple(parts)
         signature = self._ids.setdefault(key, len(self._ids))
         self._signatures[path] = signature
         return signature

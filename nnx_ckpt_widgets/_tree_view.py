@@ -177,6 +177,7 @@ class TreeView(w.HBox):
             layout=w.Layout(flex="1 1 360px", min_width="0", max_height="480px", overflow="auto"),
         )
         self.children = [tree_box, self.detail]
+        self.add_class("nnx-ckpt-tree")
 
     def row(self, *labels: str) -> _Row:
         """The row at ``labels`` (e.g. ``row("layers", "{0..47}")``), opening its parents.
@@ -219,7 +220,8 @@ class TreeView(w.HBox):
             notes.append(f"showing the first {shown:,} of {total:,} arrays")
         text = f"{node.name}: {'; '.join(notes)}"
         self.caption.value = (
-            f'<div style="{MONO};overflow-wrap:anywhere"><b>{render.esc(node.name)}</b>: '
+            f'<div class="nnx-ckpt-caption" style="{MONO};overflow-wrap:anywhere">'
+            f"<b>{render.esc(node.name)}</b>: "
             f"{render.esc('; '.join(notes))}</div>"
         )
         self.output.outputs = (treescope_output(tree, text=render.clip(text, 300)),)

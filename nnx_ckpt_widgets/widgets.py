@@ -65,6 +65,7 @@ class CheckpointBrowser(w.VBox):
         page_size: int = 40,
     ):
         super().__init__(layout=w.Layout(width="100%"))
+        self.add_class("nnx-ckpt-browser")
         self.path = path
         self.model = model
         self._tree_options = {"expand_depth": expand_depth, "page_size": page_size}

@@ -393,3 +393,15 @@ def test_compare_states_side_by_side(mlp_ckpt):
         ("linear2", "bias"),
         ("linear2", "kernel"),
     ]
+
+
+def test_relative_path_restores(tmp_path, monkeypatch):
+    save(tmp_path / "mlp", nnx.state(MLP(rngs=nnx.Rngs(1))))
+    monkeypatch.chdir(tmp_path)
+    model = MLP(rngs=nnx.Rngs(0))
+    browser = CheckpointBrowser("mlp", model)
+    assert "<b>mlp</b>" in browser.header.value
+    browser.restore_button.click()
+    browser.wait(timeout=60)
+    assert browser.status == "Restored 4 arrays (104 B).", browser.status
+    assert_arrays_equal(arrays(model), arrays(MLP(rngs=nnx.Rngs(1))))
