@@ -23,6 +23,11 @@ from nnx_ckpt_widgets.metadata import CheckpointInfo
 from nnx_ckpt_widgets.restore import restore
 
 _TICK = 0.25  # seconds between updates of the elapsed time while a restore runs
+# Cell spacing for the report table, scoped to our widgets; a <style> is not a script.
+_REPORT_STYLE = (
+    "<style>.nnx-ckpt-browser .nnx-ckpt-report th,.nnx-ckpt-browser .nnx-ckpt-report td"
+    "{padding:1px 14px 1px 0;vertical-align:top}</style>"
+)
 _COLOURS = {"ready": "inherit", "running": "#0969da", "done": "#1a7f37", "failed": "#cf222e"}
 
 
@@ -88,7 +93,7 @@ class RestorePanel(w.VBox):
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
         self.report = build_report(info, flatten_target(self.model))
-        self.report_html.value = render.report_html(self.report)
+        self.report_html.value = _REPORT_STYLE + render.report_html(self.report)
         self._options_changed()
 
     def options(self) -> dict[str, Any]:
@@ -156,7 +161,7 @@ class RestorePanel(w.VBox):
             done.set()
             ticker.join()
             self.result = result
-            self.report_html.value = render.report_html(result)
+            self.report_html.value = _REPORT_STYLE + render.report_html(result)
             elapsed = time.perf_counter() - start
             self._set_status(
                 "done",
