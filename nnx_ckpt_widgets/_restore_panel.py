@@ -92,6 +92,7 @@ class RestorePanel(w.VBox):
     def set_info(self, info: CheckpointInfo) -> None:
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
+        self.result = self.error = None
         self.report = build_report(info, flatten_target(self.model))
         self.report_html.value = _REPORT_STYLE + render.report_html(self.report)
         self._options_changed()

@@ -4,8 +4,9 @@ One JupyterLab serves both tests: it runs on a free loopback port with a token, 
 and temporary settings (windowing off, so every cell is in the DOM), and is stopped, with its
 kernels, by killing its process group, whatever the tests did.
 
-Set ``NNX_CKPT_SCREENSHOT=1`` to also write ``docs/browser.png`` for the README; the screenshot
-always goes to ``tests/artifacts/browser.png``.
+``NNX_CKPT_CHROMIUM`` names another Chromium binary. Set ``NNX_CKPT_SCREENSHOT=1`` to also
+write ``docs/browser.png`` for the README; the screenshot always goes to
+``tests/artifacts/browser.png``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("NNX_CKPT_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-dev-shm-usage",
