@@ -25,6 +25,14 @@ _AUTO_ROWS = 120  # rows that may be opened at build time, over all levels
 _OPEN, _CLOSED = "▾", "▸"
 
 
+def _close(widget: w.Widget) -> None:
+    """Close a widget with its layout and style (closing a shared one twice is harmless)."""
+    for part in (getattr(widget, "style", None), getattr(widget, "layout", None)):
+        if part is not None:
+            part.close()
+    widget.close()
+
+
 class _Shared:
     """One Layout and one Style per kind of widget, shared by all rows.
 
@@ -71,6 +79,13 @@ class _ChildList:
             self.more.description = f"show {shown} more ({left:,} not shown)"
             children.append(self.more)
         self.box.children = children
+
+    def close(self) -> None:
+        for row in self.rows:
+            row.close()
+        if self.more is not None:
+            _close(self.more)
+        _close(self.box)
 
     def lines(self, indent: int) -> list[str]:
         out = []
@@ -126,6 +141,13 @@ class _Row:
         self.toggle.tooltip = "collapse" if expanded else "expand"
         self.box.children = [self.line, self.children.box] if expanded else [self.line]
 
+    def close(self) -> None:
+        if self.children is not None:
+            self.children.close()
+        for widget in (self.toggle, self.name, self.info, self.line, self.box):
+            if widget is not None:
+                _close(widget)
+
     def lines(self, indent: int) -> list[str]:
         mark = "  " if self.leaf else (_OPEN if self.expanded else _CLOSED) + " "
         text = f"{'  ' * indent}{mark}{render.clip(self.node.label)}  "
@@ -178,6 +200,15 @@ class TreeView(w.HBox):
         )
         self.children = [tree_box, self.detail]
         self.add_class("nnx-ckpt-tree")
+        self._budget = 0  # rows opened later by the user open one level at a time
+
+    def close(self) -> None:
+        """Close the view and every widget it made, so the front-end drops their models."""
+        self._top.close()  # rows of collapsed nodes are not in the page, so walk our own
+        for widget in (*self.children, self.caption, self.output, *vars(self._shared).values()):
+            _close(widget)
+        self.layout.close()
+        super().close()
 
     def row(self, *labels: str) -> _Row:
         """The row at ``labels`` (e.g. ``row("layers", "{0..47}")``), opening its parents.

@@ -74,6 +74,7 @@ class CheckpointBrowser(w.VBox):
         self.header = w.HTML()
         self.step_selector = w.Dropdown(description="step", layout=w.Layout(width="auto"))
         self.item_selector = w.Dropdown(description="item", layout=w.Layout(width="auto"))
+        self.selectors = w.HBox()
         self.tree = TreeView(self.info, **self._tree_options)
         self.panel: RestorePanel | None = None
         if model is not None:
@@ -138,6 +139,7 @@ class CheckpointBrowser(w.VBox):
         elif item == self.info.item:
             return
         self.info = inspect(self.path, step=step, item=item)
+        self.tree.close()
         self.tree = TreeView(self.info, **self._tree_options)
         if self.panel is not None:
             self.panel.set_info(self.info)
@@ -168,7 +170,8 @@ class CheckpointBrowser(w.VBox):
             selectors.append(self.item_selector)
         children: list[w.Widget] = [self.header]
         if selectors:
-            children.append(w.HBox(selectors))
+            self.selectors.children = selectors
+            children.append(self.selectors)
         children.append(self.tree)
         if self.panel is not None:
             children.append(self.panel)

@@ -272,8 +272,11 @@ def test_step_selector_lists_steps_metrics_and_latest(manager_root):
     assert "step 3 of 3" in browser.header.value
     assert "steps: 1 (" in repr(browser) and "latest" in repr(browser)
 
+    old_tree = browser.tree
+    assert old_tree.comm is not None
     selector.value = 1
     assert browser.info.step == 1 and "step 1 of 3" in browser.header.value
+    assert browser.tree is not old_tree and old_tree.comm is None  # closed, not leaked
     assert browser.panel.options()["step"] == 1
     browser.restore_button.click()
     browser.wait(timeout=60)
