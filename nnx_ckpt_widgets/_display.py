@@ -1,4 +1,4 @@
-"""Shared pieces of the widgets: treescope outputs, shared layouts, plain-text reprs.
+"""Shared pieces of the widgets: treescope outputs, full plain-text reprs, status lines.
 
 Treescope is the renderer behind ``nnx.display``. Its HTML carries scripts, which
 ``ipywidgets.HTML`` never runs, so it goes into an ``ipywidgets.Output`` as a display-data
@@ -25,15 +25,6 @@ def treescope_output(value: Any, text: str | None = None) -> dict[str, Any]:
     html = treescope.render_to_html(value, ignore_exceptions=True)
     if text is None:
         text = treescope.render_to_text(value, ignore_exceptions=True)
-    return {
-        "output_type": "display_data",
-        "data": {"text/html": html, "text/plain": text},
-        "metadata": {},
-    }
-
-
-def html_output(html: str, text: str) -> dict[str, Any]:
-    """A display-data output of already escaped ``html``."""
     return {
         "output_type": "display_data",
         "data": {"text/html": html, "text/plain": text},

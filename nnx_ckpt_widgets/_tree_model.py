@@ -173,10 +173,6 @@ class TreeModel:
             node[leaf.path[-1]] = _abstract(jax, leaf)
         return tree, len(leaves), total
 
-    def text_rows(self, node: TreeNode, limit: int) -> list[tuple[str, str]]:
-        """``(label, description)`` of the node's first ``limit`` children, for text reprs."""
-        return [(render.clip(c.label), self.describe(c)) for c in self.children(node)[:limit]]
-
 
 def _abstract(jax: Any, leaf: LeafInfo) -> Any:
     try:
