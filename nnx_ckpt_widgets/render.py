@@ -80,8 +80,13 @@ def table(rows: list[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
 def where(path: object, step: int | None, item: str | None, steps: Sequence = ()) -> str:
     parts = [str(path)]
     if step is not None:
-        of = f" of {len(steps)}" if len(steps) > 1 else ""
-        parts.append(f"step {step}{of}")
+        latest = max((s.step for s in steps), default=step)
+        if len(steps) <= 1:
+            parts.append(f"step {step}")
+        elif step == latest:
+            parts.append(f"step {step} (latest of {len(steps)} steps)")
+        else:
+            parts.append(f"step {step} ({len(steps)} steps, latest {latest})")
     if item is not None:
         parts.append(f"item {item!r}")
     return ", ".join(parts)

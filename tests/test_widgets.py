@@ -269,13 +269,13 @@ def test_step_selector_lists_steps_metrics_and_latest(manager_root):
     assert "loss=0.3333" in labels[2] and "<img src=x …or=alert(1)>=3" in labels[2]
     assert not any("latest" in label for label in labels[:2])
     assert selector.value == 3 and browser.info.step == 3
-    assert "step 3 of 3" in browser.header.value
+    assert "step 3 (latest of 3 steps)" in browser.header.value
     assert "steps: 1 (" in repr(browser) and "latest" in repr(browser)
 
     old_tree = browser.tree
     assert old_tree.comm is not None
     selector.value = 1
-    assert browser.info.step == 1 and "step 1 of 3" in browser.header.value
+    assert browser.info.step == 1 and "step 1 (3 steps, latest 3)" in browser.header.value
     assert browser.tree is not old_tree and old_tree.comm is None  # closed, not leaked
     assert browser.panel.options()["step"] == 1
     browser.restore_button.click()
