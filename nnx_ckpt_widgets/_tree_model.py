@@ -87,7 +87,9 @@ class TreeModel:
         if self.is_leaf(node):
             leaf = self.leaf(node)
             times = f"{node.count:,} × " if node.count > 1 else ""
-            return f"{times}{render.shape_text(leaf.shape)} {leaf.dtype}  {sizes}"
+            # A multi-device layout is worth a glance; a single device ("cpu:0") is noise.
+            layout = f"  {leaf.sharding}" if leaf.sharding and "mesh(" in leaf.sharding else ""
+            return f"{times}{render.shape_text(leaf.shape)} {leaf.dtype}  {sizes}{layout}"
         return (f"{node.count:,} folded  " if node.count > 1 else "") + sizes
 
     def children(self, node: TreeNode) -> list[TreeNode]:
