@@ -132,12 +132,15 @@ def locate(
     tmp_names = [e for e in entries if TMP_MARKER in e]
     if step_names or tmp_names:
         steps, unfinished = [], list(tmp_names)
+        damaged: dict[int, CorruptCheckpointError] = {}
         for name in sorted(step_names, key=_step_number):
             try:
                 steps.append(_read_step(root / name, _step_number(name)))
             except IncompleteCheckpointError:
                 unfinished.append(name)  # like a tmp folder: never offered, named if asked for
-        return _pick_step(root, tuple(steps), unfinished, step, item)
+            except CorruptCheckpointError as err:
+                damaged[_step_number(name)] = err  # one bad step must not hide the good ones
+        return _pick_step(root, tuple(steps), unfinished, damaged, step, item)
     if any(name in entries for name in _ORBAX_FILES) or "d" in entries:
         raise CorruptCheckpointError(
             f"Checkpoint at {root} is damaged: its {PYTREE_METADATA} file is missing; restore "
@@ -216,7 +219,10 @@ def _read_step(folder: Path, number: int) -> StepInfo:
     metrics: Mapping[str, Any] = {}
     metrics_file = folder / METRICS_ITEM / METRICS_ITEM
     if metrics_file.exists():
-        raw = _read_json(metrics_file, "step metrics")
+        try:
+            raw = _read_json(metrics_file, "step metrics")
+        except CorruptCheckpointError:
+            raw = None  # metrics only label the step; its arrays may be fine, so still offer it
         if isinstance(raw, dict):
             metrics = {str(k): v for k, v in raw.items() if _is_plain(v)}
     return StepInfo(step=number, path=folder, items=items, metrics=metrics)
@@ -234,12 +240,15 @@ def _pick_step(
     root: Path,
     steps: tuple[StepInfo, ...],
     tmp_names: list[str],
+    damaged: Mapping[int, CorruptCheckpointError],
     step: int | None,
     item: str | None,
 ) -> Location:
     available = ", ".join(str(s.step) for s in steps) or "none"
     if step is None:
         if not steps:
+            if damaged:
+                raise damaged[max(damaged)]
             raise IncompleteCheckpointError(
                 f"Checkpoint manager at {root} has no finished step: every save was "
                 "interrupted; save again."
@@ -248,6 +257,8 @@ def _pick_step(
     else:
         matches = [s for s in steps if s.step == step]
         if not matches:
+            if step in damaged:
+                raise damaged[step]
             if any(_step_number(name) == step for name in tmp_names):
                 raise IncompleteCheckpointError(
                     f"Checkpoint at {root / str(step)} is incomplete: the save of step {step} "

@@ -63,23 +63,25 @@ def _read_fast(item_dir: Path) -> list[StoredLeaf]:
             f"Checkpoint at {item_dir} is damaged: {PYTREE_METADATA} has no tree_metadata "
             "mapping; restore it from a copy or save it again."
         )
-    if not metadata.get("use_ocdbt", False):
-        raise _Unrecognised("not an OCDBT checkpoint")
-    zarr3 = bool(metadata.get("use_zarr3", False))
-    entries = []
+    entries, kinds = [], set()
+    # Orbax needs this schema too: checked before any fallback, so the error names the damage.
     for entry in tree.values():
         try:
             keys = tuple(str(k["key"]) for k in entry["key_metadata"])
             value_type = entry["value_metadata"]["value_type"]
             skip = entry["value_metadata"].get("skip_deserialize", False)
-        except (KeyError, TypeError) as err:
+            kinds.add("skipped" if skip else value_type)
+        except (KeyError, TypeError, AttributeError) as err:
             raise CorruptCheckpointError(
                 f"Checkpoint at {item_dir} is damaged: {PYTREE_METADATA} has an entry of an "
                 "unknown schema; restore it from a copy or save it again."
             ) from err
-        if value_type not in _ARRAY_TYPES or skip:
-            raise _Unrecognised(f"leaf of type {value_type!r}")
         entries.append(keys)
+    if not metadata.get("use_ocdbt", False):
+        raise _Unrecognised("not an OCDBT checkpoint")
+    if kinds - set(_ARRAY_TYPES):
+        raise _Unrecognised(f"leaves of types {sorted(map(str, kinds))}")
+    zarr3 = bool(metadata.get("use_zarr3", False))
     shardings = _read_shardings(item_dir)
     headers = _read_zarr_headers(item_dir, [".".join(keys) for keys in entries], zarr3)
     leaves = []
@@ -97,6 +99,11 @@ def _read_shardings(item_dir: Path) -> dict[str, str]:
     if not file.exists():
         return {}
     raw = _read_json(file, "shardings")
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(
+            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} is not a JSON object; "
+            "restore it from a copy or save it again."
+        )
     out = {}
     for encoded, spec in raw.items():
         try:

@@ -18,11 +18,12 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import render
-from nnx_ckpt_widgets._display import full_text_bundle
+from nnx_ckpt_widgets._display import full_text_bundle, one_line
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
 from nnx_ckpt_widgets._tree_view import TreeView
 from nnx_ckpt_widgets.compare import LoadReport
+from nnx_ckpt_widgets.errors import CheckpointError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, inspect
 
 __all__ = ["CheckpointBrowser", "SideBySide", "compare_states"]
@@ -72,6 +73,9 @@ class CheckpointBrowser(w.VBox):
         self._filling = False
         self.info = inspect(path, step=step, item=item)
         self.header = w.HTML()
+        self.error: CheckpointError | None = None  # why the last chosen step did not open
+        self.error_html = w.HTML()
+        self._error_text = ""
         self.step_selector = w.Dropdown(description="step", layout=w.Layout(width="auto"))
         self.item_selector = w.Dropdown(description="item", layout=w.Layout(width="auto"))
         self.selectors = w.HBox()
@@ -138,7 +142,18 @@ class CheckpointBrowser(w.VBox):
             item = self.info.item if self.info.item in _items_of(self.info, step) else None
         elif item == self.info.item:
             return
-        self.info = inspect(self.path, step=step, item=item)
+        try:
+            info = inspect(self.path, step=step, item=item)
+        except CheckpointError as err:
+            # A damaged step must not break the browser: keep showing the current one, put the
+            # selectors back on it, and say why the other cannot be opened.
+            what = f"step {step}" if change["owner"] is self.step_selector else f"item {item!r}"
+            self._set_error(err, f"Cannot open {what}: {one_line(err)}")
+            self._fill_selectors()
+            self._layout()
+            return
+        self._set_error(None)
+        self.info = info
         self.tree.close()
         self.tree = TreeView(self.info, **self._tree_options)
         if self.panel is not None:
@@ -146,6 +161,15 @@ class CheckpointBrowser(w.VBox):
         self._fill_selectors()
         self._render_header()
         self._layout()
+
+    def _set_error(self, err: CheckpointError | None, text: str = "") -> None:
+        self.error, self._error_text = err, text
+        self.error_html.value = (
+            f'<div class="nnx-ckpt-error" style="{render.BOX_STYLE};color:#cf222e">'
+            f"{render.esc(text)}</div>"
+            if err is not None
+            else ""
+        )
 
     def _panel_changed(self, change: dict[str, Any]) -> None:
         if change["name"] == "status":
@@ -172,6 +196,8 @@ class CheckpointBrowser(w.VBox):
         if selectors:
             self.selectors.children = selectors
             children.append(self.selectors)
+        if self.error is not None:
+            children.append(self.error_html)
         children.append(self.tree)
         if self.panel is not None:
             children.append(self.panel)
@@ -192,6 +218,8 @@ class CheckpointBrowser(w.VBox):
             lines.append("steps: " + ", ".join(steps))
         if len(info.items) > 1:
             lines.append("items: " + ", ".join(render.clip(i, 40) for i in info.items))
+        if self.error is not None:
+            lines.append(f"error: {self._error_text}")
         lines.append("tree:")
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
         if self.panel is not None:

@@ -1,0 +1,426 @@
+"""Fault suite: damaged checkpoints and a save killed half-way, through every entry point.
+
+Each damaged case is a fixture made from a real checkpoint (a 64-wide MLP, so one array is
+stored as a chunk outside OCDBT's B-tree). The entry points are ``inspect``, ``compare``,
+``restore`` (the target must stay bit-for-bit unchanged), the CLI (``inspect`` as a real
+process; ``compare`` in-process), and ``CheckpointBrowser(path, model)``. Every error is a
+``CheckpointError`` subclass whose message is one line naming the path and the damage; the CLI
+exits 1 with one ``error: ...`` line on stderr. Outcomes (N not found, C corrupt, I incomplete,
+M mismatch, ok; "failed" = the browser builds and its restore reads ``Restore failed: ...``):
+
+====  ==========================================  =======  =======  =======  ===  =======
+case  damage                                      inspect  compare  restore  CLI  browser
+====  ==========================================  =======  =======  =======  ===  =======
+1     the path is missing                         N        N        N        1    N
+2     an empty directory                          N        N        N        1    N
+3     a file where the directory should be        N        N        N        1    N
+4     ``_METADATA`` is missing                    C        C        C        1    C
+5     ``_METADATA`` holds garbage                 C        C        C        1    C
+6a    ``_METADATA`` valid JSON, not an object     C        C        C        1    C
+6b    ``_METADATA`` entries of the wrong schema   C        C        C        1    C
+6c    ``_sharding`` valid JSON, not an object     C        C        C        1    C
+7     ``_CHECKPOINT_METADATA`` holds garbage      C        C        C        1    C
+8     root ``manifest.ocdbt`` truncated           C        C        C        1    C
+9a    every file under ``d/`` deleted             C        C        C        1    C
+9b    only the files holding array chunks gone    ok       ok       C        0    failed
+10a   every file under ``d/`` random bytes        C        C        C        1    C
+10b   only an array's chunk bytes random          ok       ok       C        0    failed
+11a   an Orbax tmp folder (interrupted save)      I        I        I        1    I
+11b   a manager root whose only save is a tmp     I        I        I        1    I
+12    a checkpoint of another model               ok       ok (*)   M        0    failed
+13    manager root, one broken step (see below)   per step
+====  ==========================================  =======  =======  =======  ===  =======
+
+(*) the report lists the mismatches; the browser shows it. Case 8 truncates the root manifest:
+the per-process ``ocdbt.process_0/manifest.ocdbt`` is not read after a save, and a restore from
+a checkpoint with only that one truncated is exact. Case 13 breaks step 1 of steps 0, 1, 2:
+a garbage ``_CHECKPOINT_METADATA`` makes step 1 not offered (C when asked for, as interrupted
+steps give I); a garbage item ``_METADATA`` gives C for that step only, and the browser stays on
+its step and says why; random array bytes give C at restore (``Restore failed: ...``); garbage
+metrics leave the step offered, without metrics. The good steps restore exactly throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import (
+    FAILING_READ,
+    MLP,
+    Stack,
+    assert_same_arrays,
+    chunk_locations,
+    copy_checkpoint,
+    corrupt_chunks,
+    save_checkpoint,
+    snapshot,
+)
+from flax import nnx
+
+import nnx_ckpt_widgets as ncw
+from nnx_ckpt_widgets import CheckpointBrowser
+from nnx_ckpt_widgets.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_FOUND, CORRUPT = ncw.CheckpointNotFoundError, ncw.CorruptCheckpointError
+INCOMPLETE, MISMATCH = ncw.IncompleteCheckpointError, ncw.CheckpointMismatchError
+
+
+def wide_mlp(seed: int = 1) -> MLP:
+    """The model the damaged checkpoints were saved from (with seed 0); the CLI's factory."""
+    return MLP(64, 64, 2, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("faults") / "wide", nnx.state(wide_mlp(0)))
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(tmp_path_factory) -> Path:
+    state = nnx.state(Stack(3, rngs=nnx.Rngs(0)))
+    return save_checkpoint(tmp_path_factory.mktemp("faults") / "stack", state)
+
+
+def _data_files(path: Path) -> list[Path]:
+    return [f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"]
+
+
+def damage(case: str, path: Path) -> Path:
+    """Damage ``path``, a copy of a real checkpoint, as ``case`` says; returns what to open."""
+    rng = np.random.default_rng(7)
+    if case in ("01-missing", "02-empty", "03-file"):
+        shutil.rmtree(path)
+        if case == "02-empty":
+            path.mkdir()
+        elif case == "03-file":
+            path.write_text("x")
+    elif case == "04-metadata-missing":
+        (path / "_METADATA").unlink()
+    elif case == "05-metadata-garbage":
+        (path / "_METADATA").write_bytes(b"\x00\xff{garbage")
+    elif case == "06a-metadata-not-object":
+        (path / "_METADATA").write_text("[1, 2]")
+    elif case == "06b-metadata-wrong-schema":
+        entry = {"key_metadata": "w", "value_metadata": 3}
+        (path / "_METADATA").write_text(json.dumps({"tree_metadata": {"w": entry}}))
+    elif case == "06c-sharding-not-object":
+        (path / "_sharding").write_text("[1, 2]")
+    elif case == "07-step-metadata-garbage":
+        (path / "_CHECKPOINT_METADATA").write_text("garbage")
+    elif case == "08-manifest-truncated":
+        manifest = path / "manifest.ocdbt"
+        manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    elif case in ("09a-data-files-deleted", "10a-data-files-random"):
+        files = _data_files(path)
+        assert files
+        for file in files:
+            if case.startswith("09"):
+                file.unlink()
+            else:
+                file.write_bytes(rng.bytes(file.stat().st_size))
+    elif case == "09b-chunk-files-deleted":
+        files = {file for file, _, _ in chunk_locations(path).values()}
+        assert files and len(files) < len(_data_files(path))  # the B-tree nodes stay
+        for file in files:
+            file.unlink()
+    elif case == "10b-chunk-bytes-random":
+        corrupt_chunks(path, "linear1.kernel.value")
+    elif case == "11a-tmp-folder":
+        tmp = path.rename(path.parent / "c.orbax-checkpoint-tmp-1")
+        (tmp / "commit_success.txt").unlink()
+        return tmp
+    elif case == "11b-root-with-only-a-tmp-step":
+        (path.parent / "run" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
+        path.rename(path.parent / "run" / "0.orbax-checkpoint-tmp-1" / "default")
+        return path.parent / "run"
+    return path
+
+
+# case -> (error at metadata time, error at restore time, words every message must contain)
+CASES = {
+    "01-missing": (NOT_FOUND, NOT_FOUND, "does not exist"),
+    "02-empty": (NOT_FOUND, NOT_FOUND, "the folder is empty"),
+    "03-file": (NOT_FOUND, NOT_FOUND, "it is a file"),
+    "04-metadata-missing": (CORRUPT, CORRUPT, "_METADATA file is missing"),
+    "05-metadata-garbage": (CORRUPT, CORRUPT, "_METADATA (tree metadata) is not valid JSON"),
+    "06a-metadata-not-object": (CORRUPT, CORRUPT, "_METADATA has no tree_metadata mapping"),
+    "06b-metadata-wrong-schema": (CORRUPT, CORRUPT, "_METADATA has an entry of an unknown schema"),
+    "06c-sharding-not-object": (CORRUPT, CORRUPT, "_sharding is not a JSON object"),
+    "07-step-metadata-garbage": (CORRUPT, CORRUPT, "_CHECKPOINT_METADATA (step metadata)"),
+    "08-manifest-truncated": (CORRUPT, CORRUPT, "manifest.ocdbt"),
+    "09a-data-files-deleted": (CORRUPT, CORRUPT, "NOT_FOUND"),
+    "09b-chunk-files-deleted": (None, CORRUPT, "linear1.kernel.value"),
+    "10a-data-files-random": (CORRUPT, CORRUPT, "cannot be read"),
+    "10b-chunk-bytes-random": (None, CORRUPT, "linear1.kernel.value"),
+    "11a-tmp-folder": (INCOMPLETE, INCOMPLETE, "interrupted"),
+    "11b-root-with-only-a-tmp-step": (INCOMPLETE, INCOMPLETE, "interrupted"),
+    "12-another-model": (None, MISMATCH, "does not fit"),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request, tmp_path, wide_ckpt, other_ckpt):
+    at_metadata, at_restore, words = CASES[request.param]
+    if request.param == "12-another-model":
+        return copy_checkpoint(other_ckpt, tmp_path / "c"), at_metadata, at_restore, words
+    path = damage(request.param, copy_checkpoint(wide_ckpt, tmp_path / "c"))
+    return path, at_metadata, at_restore, words
+
+
+def assert_good_error(err: BaseException, cls: type, path: Path, words: str) -> None:
+    message = str(err)
+    assert isinstance(err, cls), repr(err)
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    assert words in message, message
+
+
+def assert_restore_fails(path: Path, cls: type, named: Path, words: str, **kwargs) -> None:
+    """``restore`` raises ``cls`` naming ``named``, and leaves its target bit-for-bit alone."""
+    target = wide_mlp()
+    before = snapshot(target)
+    with pytest.raises(ncw.CheckpointError) as raised:
+        ncw.restore(path, target, **kwargs)
+    assert_good_error(raised.value, cls, named, words)
+    assert_same_arrays(before, target)
+
+
+def assert_restores_exactly(root: Path, step: int) -> None:
+    target = wide_mlp(99)
+    ncw.restore(root, target, step=step)
+    assert_same_arrays(wide_mlp(step), target)
+
+
+@FAILING_READ
+def test_library(case, request):
+    path, at_metadata, at_restore, words = case
+    if at_metadata is None and at_restore is CORRUPT:
+        request.getfixturevalue("failing_orbax_read")
+    for call in (lambda: ncw.inspect(path), lambda: ncw.compare(path, wide_mlp())):
+        if at_metadata is None:
+            call()
+        else:
+            with pytest.raises(ncw.CheckpointError) as raised:
+                call()
+            assert_good_error(raised.value, at_metadata, path, words)
+    if at_restore is MISMATCH:
+        report = ncw.compare(path, wide_mlp())
+        assert not report.ok and report.missing and report.unexpected
+    assert_restore_fails(path, at_restore, path, words)
+
+
+def test_cli(case, capfd):
+    path, at_metadata, _, words = case
+    process = subprocess.run(
+        [sys.executable, "-m", "nnx_ckpt_widgets", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    # compare needs a model factory: this module's, so it runs in-process.
+    code = main(["compare", str(path), "--model", f"{__name__}:wide_mlp"])
+    compared = capfd.readouterr()
+    if at_metadata is None:
+        assert (process.returncode, code) == (0, 0), process.stderr + compared.err
+        assert process.stdout == str(ncw.inspect(path)) + "\n"
+        assert compared.out == str(ncw.compare(path, wide_mlp())) + "\n"
+        return
+    for returncode, out, err in (
+        (process.returncode, process.stdout, process.stderr),
+        (code, compared.out, compared.err),
+    ):
+        assert returncode == 1 and out == "" and "Traceback" not in err
+        (line,) = err.splitlines()
+        assert line.startswith("error: ") and str(path) in line and words in line
+
+
+@FAILING_READ
+def test_browser(case, request):
+    path, at_metadata, at_restore, words = case
+    if at_metadata is None and at_restore is CORRUPT:
+        request.getfixturevalue("failing_orbax_read")
+    target = wide_mlp()
+    before = snapshot(target)
+    if at_metadata is not None:  # nothing readable to show: building raises, as inspect does
+        with pytest.raises(ncw.CheckpointError) as raised:
+            CheckpointBrowser(path, target)
+        assert_good_error(raised.value, at_metadata, path, words)
+        return
+    browser = CheckpointBrowser(path, target)
+    if at_restore is MISMATCH:
+        assert browser.status.startswith("A strict restore will fail")
+        assert "missing" in browser.panel.report_html.value
+    browser.restore_button.click()
+    browser.wait(timeout=60)
+    assert browser.status.startswith("Restore failed: "), browser.status
+    assert str(path) in browser.status and "\n" not in browser.status
+    assert isinstance(browser.panel.error, at_restore)
+    assert not browser.restore_button.disabled  # still usable: it can be clicked again
+    assert_same_arrays(before, target)
+
+
+# --- 13: a manager root with one broken step among good ones ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_root(tmp_path_factory) -> Path:
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    root = tmp_path_factory.mktemp("faults") / "run"
+    with ocp.CheckpointManager(root, options=options) as manager:
+        for step in range(3):
+            state = nnx.state(wide_mlp(step))
+            manager.save(step, args=ocp.args.StandardSave(state), metrics={"loss": 1 / (step + 1)})
+        manager.wait_until_finished()
+    return root
+
+
+BREAK_STEP = {
+    "step-metadata": lambda s: (s / "_CHECKPOINT_METADATA").write_text("garbage"),
+    "item-metadata": lambda s: (s / "default" / "_METADATA").write_text("garbage"),
+    "array-bytes": lambda s: corrupt_chunks(s / "default", "linear1.kernel.value"),
+    "metrics": lambda s: (s / "metrics" / "metrics").write_text("garbage"),
+}
+
+
+@FAILING_READ
+@pytest.mark.usefixtures("failing_orbax_read")
+@pytest.mark.parametrize("damage", sorted(BREAK_STEP))
+def test_one_broken_step_among_good_ones(tmp_path, good_root, damage, capfd):
+    root = copy_checkpoint(good_root, tmp_path / "run")
+    BREAK_STEP[damage](root / "1")
+    info = ncw.inspect(root)
+    offered = [s.step for s in info.steps]
+    assert offered == ([0, 2] if damage == "step-metadata" else [0, 1, 2])
+    assert info.step == 2
+    for step in (0, 2):
+        assert_restores_exactly(root, step)
+    if damage == "metrics":  # metrics only label a step: it is offered without them
+        assert info.steps[1].metrics == {} and info.steps[0].metrics == {"loss": 1.0}
+        assert_restores_exactly(root, 1)
+        return
+    broken = root / "1" if damage == "step-metadata" else root / "1" / "default"
+    words = {"step-metadata": "_CHECKPOINT_METADATA", "item-metadata": "_METADATA"}
+    words = words.get(damage, "linear1.kernel.value")
+    if damage != "array-bytes":
+        with pytest.raises(CORRUPT) as raised:
+            ncw.inspect(root, step=1)
+        assert_good_error(raised.value, CORRUPT, broken, words)
+        assert main(["inspect", str(root), "--step", "1"]) == 1
+        (line,) = capfd.readouterr().err.splitlines()
+        assert line.startswith("error: ") and str(broken) in line
+    assert_restore_fails(root, CORRUPT, broken, words, step=1)
+
+    target = wide_mlp(99)
+    browser = CheckpointBrowser(root, target)
+    assert [value for _, value in browser.step_selector.options] == offered
+    if damage == "item-metadata":
+        browser.step_selector.value = 1  # as choosing it in the dropdown does
+        assert browser.step_selector.value == 2 and browser.info.step == 2
+        assert isinstance(browser.error, CORRUPT) and browser.error_html in browser.children
+        assert "Cannot open step 1" in browser.error_html.value
+        assert str(broken) in browser.error_html.value
+    if damage == "array-bytes":
+        browser.step_selector.value = 1
+        browser.restore_button.click()
+        browser.wait(timeout=60)
+        assert browser.status.startswith("Restore failed: ") and str(broken) in browser.status
+    browser.step_selector.value = 0  # a good step still opens, and restores exactly
+    assert browser.info.step == 0 and browser.error is None
+    assert browser.error_html not in browser.children
+    browser.restore_button.click()
+    browser.wait(timeout=60)
+    assert browser.status.startswith("Restored "), browser.status
+    assert_same_arrays(wide_mlp(0), target)
+
+
+def test_broken_latest_step_names_it_and_other_steps_open(tmp_path, good_root):
+    root = copy_checkpoint(good_root, tmp_path / "run")
+    BREAK_STEP["item-metadata"](root / "2")
+    with pytest.raises(CORRUPT) as raised:
+        ncw.inspect(root)
+    assert_good_error(raised.value, CORRUPT, root / "2" / "default", "_METADATA")
+    browser = CheckpointBrowser(root, wide_mlp(99), step=1)
+    browser.step_selector.value = 2
+    assert browser.info.step == 1 and "Cannot open step 2" in browser.error_html.value
+    assert "error: Cannot open step 2" in repr(browser)
+
+
+# --- a save killed half-way -------------------------------------------------------------------
+
+SAVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from test_faults import wide_mlp
+
+root, last = sys.argv[1], int(sys.argv[2])
+with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=None)) as m:
+    for step in range(last + 1):
+        m.save(step, args=ocp.args.StandardSave(nnx.state(wide_mlp(step))))
+    m.wait_until_finished()
+    # 256 MiB of random float32: Orbax writes it for about a second, in a background thread.
+    big = {{"w": jnp.asarray(np.random.default_rng(0).random((64, 1024, 1024), np.float32))}}
+    m.save(last + 1, args=ocp.args.StandardSave(big))
+    print("saving", flush=True)  # save() returned: the tmp folder exists, the write runs
+    m.wait_until_finished()
+    print("finished", flush=True)
+"""
+
+
+def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
+    root, last = tmp_path / "run", 2
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER.format(tests=str(Path(__file__).parent)))
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(last)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    watchdog = threading.Timer(180, child.kill)
+    watchdog.start()
+    try:
+        assert child.stdout.readline() == "saving\n"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+    finally:
+        watchdog.cancel()
+    # The kill landed mid-write: the step's tmp folder is there, the step itself is not.
+    leftovers = sorted(p.name for p in root.iterdir())
+    assert str(last + 1) not in leftovers
+    assert any(name.startswith(f"{last + 1}.orbax-checkpoint-tmp") for name in leftovers)
+
+    info = ncw.inspect(root)
+    assert [s.step for s in info.steps] == list(range(last + 1)) and info.step == last
+    for step in range(last + 1):
+        assert_restores_exactly(root, step)
+    assert main(["inspect", str(root)]) == 0
+    assert f"steps: {', '.join(map(str, range(last + 1)))}\n" in capfd.readouterr().out
+    assert main(["inspect", str(root), "--step", str(last + 1)]) == 1
+    assert "interrupted" in capfd.readouterr().err
+    browser = CheckpointBrowser(root, wide_mlp(99))
+    assert [value for _, value in browser.step_selector.options] == list(range(last + 1))
+
+    # A new manager on the same root saves that step again; then it is offered, and exact.
+    with ocp.CheckpointManager(root) as manager:
+        manager.save(last + 1, args=ocp.args.StandardSave(nnx.state(wide_mlp(last + 1))))
+        manager.wait_until_finished()
+    assert [s.step for s in ncw.inspect(root).steps] == list(range(last + 2))
+    assert_restores_exactly(root, last + 1)
+    browser = CheckpointBrowser(root, wide_mlp(99))
+    assert [value for _, value in browser.step_selector.options] == list(range(last + 2))
