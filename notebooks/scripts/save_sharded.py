@@ -3,9 +3,11 @@
     python -m nnx_ckpt_widgets.launch --num-processes 2 --devices-per-process 2 \\
         notebooks/scripts/save_sharded.py OUTDIR
 
-The checkpoint goes to OUTDIR/state, which must not exist yet.
+The checkpoint goes to OUTDIR/state. If that exists, the script stops before touching it,
+unless --force is given: then Orbax deletes it and saves anew.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,9 +18,16 @@ from sharded_mlp import DIM, SAVE_AXES, TwoLayerMLP, checksums, describe_shards
 
 from nnx_ckpt_widgets.launch import initialize
 
+parser = argparse.ArgumentParser(description="Save a sharded TwoLayerMLP to OUTDIR/state.")
+parser.add_argument("outdir")
+parser.add_argument("--force", action="store_true", help="replace an existing OUTDIR/state")
+args = parser.parse_args()
+path = Path(args.outdir).absolute() / "state"
+if path.exists() and not args.force:  # every process checks, before any of them saves
+    sys.exit(f"error: {path} already exists; pass --force to replace it.")
+
 initialize()  # connect the processes: before any JAX computation
 
-path = Path(sys.argv[1]).absolute() / "state"
 # One mesh over the devices of all processes: jax.devices() is global after initialize().
 mesh = jax.make_mesh((2, 2), ("data", "model"))
 with jax.set_mesh(mesh):
@@ -32,7 +41,7 @@ for line in describe_shards(state):
 
 # Every process calls save: each writes the blocks it holds, process 0 also the metadata.
 checkpointer = ocp.StandardCheckpointer()
-checkpointer.save(path, state)
+checkpointer.save(path, state, force=args.force)
 checkpointer.wait_until_finished()
 
 sums = checksums(state)  # collective: every process takes part
