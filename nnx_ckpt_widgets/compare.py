@@ -188,8 +188,10 @@ class LoadReport:
 
 
 def _preview(paths: list[str], limit: int = 3) -> str:
+    from nnx_ckpt_widgets.render import clip
+
     folded = [pattern for pattern, _ in _keypaths.fold(tuple(p.split("/")) for p in paths)]
-    shown = ", ".join(folded[:limit])
+    shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
 
 

@@ -26,6 +26,10 @@ __all__ = [
 class CheckpointError(Exception):
     """Base class of every error raised by nnx_ckpt_widgets."""
 
+    def __init__(self, message: str = ""):
+        # One line, always: a key or folder name from a checkpoint may hold a newline.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The path does not exist, or holds no checkpoint (or not the asked step or item)."""

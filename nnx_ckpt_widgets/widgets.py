@@ -41,7 +41,9 @@ class CheckpointBrowser(w.VBox):
       page_size: tree rows shown under one node before a "show more" button.
 
     Raises:
-      CheckpointError: the checkpoint cannot be read, or ``model`` is not NNX state.
+      CheckpointError: the checkpoint cannot be read, or ``model`` is not NNX state. A step or
+        item chosen later that cannot be read raises nothing: the browser stays where it was,
+        and ``error`` (shown on the page) says why.
 
     Example::
 

@@ -38,6 +38,8 @@ a garbage ``_CHECKPOINT_METADATA`` makes step 1 not offered (C when asked for, a
 steps give I); a garbage item ``_METADATA`` gives C for that step only, and the browser stays on
 its step and says why; random array bytes give C at restore (``Restore failed: ...``); garbage
 metrics leave the step offered, without metrics. The good steps restore exactly throughout.
+
+Overwrite safety, hostile names and trust, the rest of this suite, are in ``test_safety.py``.
 """
 
 from __future__ import annotations
