@@ -25,8 +25,10 @@ $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -e '.[notebook,test]'
 	touch $@
 
+# Root (as in a container) needs --allow-root; JupyterLab listens on localhost only.
 lab: $(VENV)/.lab-installed
-	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=50
+	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) \
+	  --ServerApp.port_retries=50 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: $(VENV)/.test-installed chromium
 	$(MAKE) lint unit nbval browser bench-smoke
