@@ -51,6 +51,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -375,13 +376,23 @@ with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_kee
     for step in range(last + 1):
         m.save(step, args=ocp.args.StandardSave(nnx.state(wide_mlp(step))))
     m.wait_until_finished()
-    # 256 MiB of random float32: Orbax writes it for about a second, in a background thread.
-    big = {{"w": jnp.asarray(np.random.default_rng(0).random((64, 1024, 1024), np.float32))}}
+    # 256 MiB of random bits (zstd cannot shrink them), written in a background thread.
+    bits = np.random.default_rng(0).integers(0, 2**32, (64, 1024, 1024), dtype=np.uint32)
+    big = {{"w": jnp.asarray(bits)}}
     m.save(last + 1, args=ocp.args.StandardSave(big))
     print("saving", flush=True)  # save() returned: the tmp folder exists, the write runs
     m.wait_until_finished()
     print("finished", flush=True)
 """
+
+
+def _tmp_bytes(root: Path, step: int) -> int:
+    """Bytes in the tmp folder of ``step``'s save; -1 when there is none (any more)."""
+    try:
+        (tmp,) = root.glob(f"{step}.orbax-checkpoint-tmp*")
+        return sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    except (ValueError, FileNotFoundError):
+        return -1
 
 
 def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
@@ -398,14 +409,16 @@ def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
     watchdog.start()
     try:
         assert child.stdout.readline() == "saving\n"
+        # Kill once array bytes are reaching the disk: after 8 MiB of the 256 MiB.
+        while (written := _tmp_bytes(root, last + 1)) < 8 << 20 and child.poll() is None:
+            time.sleep(0.005)
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait() == -signal.SIGKILL
     finally:
         watchdog.cancel()
-    # The kill landed mid-write: the step's tmp folder is there, the step itself is not.
-    leftovers = sorted(p.name for p in root.iterdir())
-    assert str(last + 1) not in leftovers
-    assert any(name.startswith(f"{last + 1}.orbax-checkpoint-tmp") for name in leftovers)
+    # The kill landed mid-write: the tmp folder holds part of the array, and no step folder.
+    assert 8 << 20 <= written <= _tmp_bytes(root, last + 1) < 256 << 20
+    assert not (root / str(last + 1)).exists()
 
     info = ncw.inspect(root)
     assert [s.step for s in info.steps] == list(range(last + 1)) and info.step == last
