@@ -14,6 +14,7 @@ from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._locate import Location, StepInfo, locate
 from nnx_ckpt_widgets._tree_metadata import StoredLeaf, read_leaves
+from nnx_ckpt_widgets.errors import InvalidArgumentError
 
 __all__ = ["CheckpointInfo", "LeafInfo", "StepInfo", "inspect"]
 
@@ -111,6 +112,25 @@ class CheckpointInfo:
                 entry[0] += size
                 entry[1] += nbytes
         return {path: (n, b) for path, (n, b) in totals.items()}
+
+    def best_step(self, metric: str, mode: Literal["min", "max"] = "min") -> int | None:
+        """The step whose ``metric`` is lowest (``mode="min"``) or highest, as Orbax's
+        ``best_fn``/``best_mode`` would pick it; None when no step recorded that metric.
+
+        Raises:
+          InvalidArgumentError: ``mode`` is neither ``"min"`` nor ``"max"``.
+        """
+        if mode not in ("min", "max"):
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}.")
+        scored = [
+            (s.metrics[metric], s.step)
+            for s in self.steps
+            if isinstance(s.metrics.get(metric), (int, float))
+        ]
+        if not scored:
+            return None
+        pick = min if mode == "min" else max
+        return pick(scored, key=lambda pair: pair[0])[1]
 
     def subtree(self, prefix: KeyPath) -> dict[KeyPath, LeafInfo]:
         """The leaves under ``prefix``."""

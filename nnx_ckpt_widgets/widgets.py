@@ -37,6 +37,10 @@ class CheckpointBrowser(w.VBox):
       model: an NNX model (or other graph node, or ``nnx.State``) to compare and restore into.
       step: under a manager root, the step to open; the latest by default.
       item: the item to open when a step holds several.
+      best_metric: a metric the manager kept (e.g. ``"val_loss"``); the step where it is
+        best is marked ``best`` in the step selector.
+      best_mode: ``"min"`` or ``"max"``: which value of ``best_metric`` is best, as in
+        Orbax's ``CheckpointManagerOptions(best_mode=...)``.
       expand_depth: tree levels open at first.
       page_size: tree rows shown under one node before a "show more" button.
 
@@ -64,6 +68,8 @@ class CheckpointBrowser(w.VBox):
         *,
         step: int | None = None,
         item: str | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
         expand_depth: int = 2,
         page_size: int = 40,
     ):
@@ -71,6 +77,7 @@ class CheckpointBrowser(w.VBox):
         self.add_class("nnx-ckpt-browser")
         self.path = path
         self.model = model
+        self.best_metric, self.best_mode = best_metric, best_mode
         self._tree_options = {"expand_depth": expand_depth, "page_size": page_size}
         self._filling = False
         self.info = inspect(path, step=step, item=item)
@@ -118,13 +125,25 @@ class CheckpointBrowser(w.VBox):
         """Block until a running restore ends; see :meth:`RestorePanel.wait`."""
         return None if self.panel is None else self.panel.wait(timeout)
 
+    def _step_marks(self) -> dict[int, list[str]]:
+        """``latest`` and, given ``best_metric``, ``best`` for the steps they apply to."""
+        info = self.info
+        marks: dict[int, list[str]] = {}
+        if info.steps:
+            marks.setdefault(info.steps[-1].step, []).append("latest")
+        if self.best_metric is not None:
+            best = info.best_step(self.best_metric, self.best_mode)
+            if best is not None:
+                marks.setdefault(best, []).append("best")
+        return marks
+
     def _fill_selectors(self) -> None:
         info = self.info
-        latest = info.steps[-1].step if info.steps else None
+        marks = self._step_marks()
         options = []
         for step in info.steps:
-            label = render._step_text(step)
-            options.append((label + ("  (latest)" if step.step == latest else ""), step.step))
+            mark = f"  ({', '.join(marks[step.step])})" if marks.get(step.step) else ""
+            options.append((render._step_text(step) + mark, step.step))
         self._filling = True  # setting options moves the value: not a user's choice
         try:
             self.step_selector.options = options
@@ -213,9 +232,10 @@ class CheckpointBrowser(w.VBox):
             f"{render.human_bytes(info.nbytes)}",
         ]
         if info.steps:
-            latest = info.steps[-1].step
+            marks = self._step_marks()
             steps = [
-                render._step_text(s) + (" latest" if s.step == latest else "") for s in info.steps
+                render._step_text(s) + "".join(f" {m}" for m in marks.get(s.step, ()))
+                for s in info.steps
             ]
             lines.append("steps: " + ", ".join(steps))
         if len(info.items) > 1:

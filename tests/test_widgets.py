@@ -287,6 +287,21 @@ def test_step_selector_lists_steps_metrics_and_latest(manager_root):
     assert not any(XSS in value for value in html_values(browser))
 
 
+def test_step_selector_marks_the_best_step(manager_root):
+    # loss is 1/step: lowest at step 3 (also the latest), highest at step 1.
+    browser = CheckpointBrowser(manager_root, best_metric="loss", best_mode="max")
+    labels = {value: label for label, value in browser.step_selector.options}
+    assert labels[1].endswith("(best)") and labels[3].endswith("(latest)")
+    assert "best" not in labels[2] and "latest" not in labels[2]
+    assert browser.info.best_step("loss", "min") == 3
+    assert browser.info.best_step("no such metric") is None
+    minimal = CheckpointBrowser(manager_root, best_metric="loss")
+    assert {v: lab for lab, v in minimal.step_selector.options}[3].endswith("(latest, best)")
+    assert "3 (" in repr(minimal) and "latest best" in repr(minimal)
+    with pytest.raises(ncw.InvalidArgumentError, match="mode must be 'min' or 'max'"):
+        CheckpointBrowser(manager_root, best_metric="loss", best_mode="lowest")
+
+
 def test_hostile_names_are_escaped(tmp_path):
     path = save(tmp_path / "hostile", {"ok": np.zeros(2, np.float32), **HOSTILE})
     browser = CheckpointBrowser(path)
