@@ -240,3 +240,23 @@ def test_round_trip_2x2_save_4x1_restore_single_process_restore(
     with jax.set_mesh(mesh):
         expected = nnx.state(TwoLayerMLP(DIM, SAVE_AXES, rngs=nnx.Rngs(0)))
     jax.tree.map(np.testing.assert_array_equal, expected, state)
+
+    # What the package reads from the multi-process checkpoint: metadata only, with the saving
+    # job's mesh and PartitionSpecs; and a restore through it onto the single-device mesh.
+    import nnx_ckpt_widgets as ncw
+
+    info = ncw.inspect(tmp_path / "state")
+    assert info.format == "nnx.State" and sorted(map("/".join, info.leaves)) == [
+        "linear1/kernel",
+        "linear2/kernel",
+    ]
+    assert {leaf.name: leaf.sharding for leaf in info} == {
+        "linear1/kernel": "mesh(data=2,model=2) P(data, model)",
+        "linear2/kernel": "mesh(data=2,model=2) P(model, data)",
+    }
+    assert info.nbytes == 2 * DIM * DIM * 4
+    with jax.set_mesh(mesh):
+        target = TwoLayerMLP(DIM, SAVE_AXES, rngs=nnx.Rngs(1))
+    report = ncw.restore(tmp_path / "state", target)
+    assert report.ok and report.restored_arrays == 2
+    jax.tree.map(np.testing.assert_array_equal, expected, nnx.state(target))
