@@ -7,7 +7,10 @@ own copy (:func:`copy_checkpoint`).
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,25 @@ def make_bnnet(seed: int = 0) -> BNNet:
 
 
 # --- checkpoints ----------------------------------------------------------------------------
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m nnx_ckpt_widgets ARGS`` in a fresh interpreter, as a user would."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(p) for p in (pythonpath, REPO, env.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "nnx_ckpt_widgets", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
 
 
 def save_checkpoint(path: Path, tree: Any) -> Path:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from flax import nnx
 
 import nnx_ckpt_widgets as ncw
 from nnx_ckpt_widgets.__main__ import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 MODELS = textwrap.dedent(
     """
@@ -64,21 +61,6 @@ def on_path(models_dir, monkeypatch):
     yield
     for name in ("cli_models", "cli_syntax_error"):
         sys.modules.pop(name, None)
-
-
-def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        str(p) for p in (pythonpath, REPO, env.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "nnx_ckpt_widgets", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_inspect_prints_the_library_summary(manager_ckpt):

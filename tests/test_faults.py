@@ -65,6 +65,7 @@ from conftest import (
     chunk_locations,
     copy_checkpoint,
     corrupt_chunks,
+    run_cli,
     save_checkpoint,
     snapshot,
 )
@@ -225,13 +226,7 @@ def test_library(case, request):
 
 def test_cli(case, capfd):
     path, at_metadata, _, words = case
-    process = subprocess.run(
-        [sys.executable, "-m", "nnx_ckpt_widgets", "inspect", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    process = run_cli("inspect", str(path))
     # compare needs a model factory: this module's, so it runs in-process.
     code = main(["compare", str(path), "--model", f"{__name__}:wide_mlp"])
     compared = capfd.readouterr()

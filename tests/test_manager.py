@@ -9,9 +9,6 @@ folders it leaves: offer exactly the restorable steps, pick steps and items the 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from conftest import (
     assert_same_arrays,
     copy_checkpoint,
     corrupt_chunks,
+    run_cli,
     snapshot,
 )
 from flax import nnx
@@ -252,7 +250,7 @@ def test_single_item_root_is_the_default_item(tmp_path):
     assert_same_arrays(snapshot(saved[2]), loaded)
     with pytest.raises(ncw.ItemSelectionError, match=r"'model'.*default"):
         ncw.inspect(root, item="model")
-    result = _run_cli("inspect", str(root), "--step", "1")
+    result = run_cli("inspect", str(root), "--step", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout == str(ncw.inspect(root, step=1)) + "\n"
 
@@ -292,27 +290,14 @@ def test_step_and_item_reach_every_entry_point(composite_root, step, item):
     assert_same_arrays(expected, loaded)
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "nnx_ckpt_widgets", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_cli_step_and_item(composite_root):
     root, _ = composite_root
-    result = _run_cli("inspect", str(root), "--step", "4", "--item", "optimizer")
+    result = run_cli("inspect", str(root), "--step", "4", "--item", "optimizer")
     assert result.returncode == 0, result.stderr
     assert result.stdout == str(ncw.inspect(root, step=4, item="optimizer")) + "\n"
     assert "step 4" in result.stdout and "opt_state/0/mu/linear1/kernel" in result.stdout
 
-    result = _run_cli("inspect", str(root), "--step", "4")
+    result = run_cli("inspect", str(root), "--step", "4")
     assert result.returncode == 1
     assert "model, optimizer" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
