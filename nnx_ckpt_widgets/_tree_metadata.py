@@ -224,5 +224,10 @@ def _orbax_sharding(sharding: Any) -> str | None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
+    """The first line of an error's message, named by its type when the message alone is a bare
+    token (a ``KeyError(0)`` says only ``0``)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if " " not in text:
+        text = f"{type(err).__name__} {text}".strip()
+    return text[:200]

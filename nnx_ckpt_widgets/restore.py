@@ -320,7 +320,7 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
         raise CorruptCheckpointError(
-            f"Checkpoint at {info.item_dir} could not be read: {_first_line(_root_cause(err))}; "
+            f"Checkpoint at {info.item_dir} could not be read: {_reason(err)}; "
             "the target was left unchanged, restore the checkpoint from a copy or save it again."
         ) from err
     out = []
@@ -343,13 +343,20 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
     return out
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The innermost chained error: Orbax wraps TensorStore's precise one in a vague one."""
-    seen = {id(err)}
-    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+def _reason(err: BaseException) -> str:
+    """The most precise line in an error's chain: Orbax wraps TensorStore's precise error in a
+    vague one, but the innermost can also be a bare token (a ``StopIteration`` saying ``0``)."""
+    chain, seen = [err], {id(err)}
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        if id(inner) in seen:
+            break
         seen.add(id(inner))
-        err = inner
-    return err
+        chain.append(inner)
+    for candidate in reversed(chain):
+        text = str(candidate).strip()
+        if " " in text.split("\n", 1)[0] and "<bound method" not in text:
+            return _first_line(candidate)
+    return _first_line(err)
 
 
 def _is_sharding(sharding: Any) -> bool:

@@ -434,3 +434,20 @@ def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
     assert_restores_exactly(root, last + 1)
     browser = CheckpointBrowser(root, wide_mlp(99))
     assert [value for _, value in browser.step_selector.options] == list(range(last + 2))
+
+
+@FAILING_READ
+def test_garbage_array_metadatas_fail_with_a_named_reason(tmp_path, failing_orbax_read):
+    """Outside the matrix: Orbax's per-process array metadata file holds garbage."""
+    path = save_checkpoint(tmp_path / "ckpt", nnx.state(MLP(rngs=nnx.Rngs(0))))
+    (path / "array_metadatas" / "process_0").write_text("not json {")
+    model = MLP(rngs=nnx.Rngs(1))
+    before = snapshot(model)
+    with pytest.raises(ncw.CheckpointError) as caught:
+        ncw.restore(path, model)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    # The reason is never a bare token such as "0": it names at least the error's type.
+    reason = message.split("could not be read: ", 1)[-1].split(";")[0]
+    assert " " in reason or not reason, message
+    assert_same_arrays(before, model)
