@@ -1,12 +1,14 @@
-"""The CheckpointBrowser in a real JupyterLab, driven through headless Chromium by Playwright.
+"""The CheckpointBrowser in a real JupyterLab 4 and Notebook 7, driven through headless Chromium.
 
-One JupyterLab serves both tests: it runs on a free loopback port with a token, a temporary root
-and temporary settings (windowing off, so every cell is in the DOM), and is stopped, with its
-kernels, by killing its process group, whatever the tests did.
+The ``server`` fixture is parametrized by app (``"lab"`` or ``"notebook"``); tests ask for one
+with ``@pytest.mark.parametrize("server", [...], indirect=True)`` and tests on the same app share
+one server. Each server runs on a free loopback port with a token, a temporary root and temporary
+settings (windowing off, so every cell is in the DOM), and is stopped, with its kernels, by
+killing its process group, whatever the tests did. Both apps expose ``window.jupyterapp``.
 
 ``NNX_CKPT_CHROMIUM`` names another Chromium binary. Set ``NNX_CKPT_SCREENSHOT=1`` to also
-write ``docs/browser.png`` for the README; the screenshot always goes to
-``tests/artifacts/browser.png``.
+write ``docs/browser.png`` for the README (from JupyterLab); the screenshots always go to
+``tests/artifacts/browser.png`` (Lab) and ``tests/artifacts/browser-notebook.png`` (Notebook 7).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -144,11 +147,31 @@ def _require_chromium() -> None:
     pytest.skip(reason)
 
 
+# Per app: the module to run, its config class, and the URL path that opens a notebook.
+APPS = {
+    "lab": ("jupyterlab", "LabApp", "lab/tree"),
+    "notebook": ("notebook", "JupyterNotebookApp", "notebooks"),
+}
+
+
+@dataclass(frozen=True)
+class Server:
+    app: str
+    url: str
+    token: str
+    root: Path
+
+    def notebook_url(self, name: str) -> str:
+        return f"{self.url}/{APPS[self.app][2]}/{name}?token={self.token}"
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
-    """A running JupyterLab: ``(base_url, token, root_dir)``; always stopped afterwards."""
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    """A running JupyterLab or Notebook 7 (``request.param``); always stopped afterwards."""
+    app = request.param
+    module, config, _ = APPS[app]
     _require_chromium()
-    base = tmp_path_factory.mktemp("lab")
+    base = tmp_path_factory.mktemp(app)
     root, settings, home = base / "root", base / "app-settings", base / "home"
     for folder in (root, settings, home):
         folder.mkdir()
@@ -176,7 +199,7 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     command = [
         sys.executable,
         "-m",
-        "jupyterlab",
+        module,
         "--no-browser",
         "--allow-root",
         "--ServerApp.ip=127.0.0.1",
@@ -184,12 +207,13 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
         "--ServerApp.port_retries=0",
         f"--ServerApp.root_dir={root}",
         f"--IdentityProvider.token={token}",
-        "--LabApp.expose_app_in_browser=True",
-        f"--LabApp.app_settings_dir={settings}",
-        f"--LabApp.user_settings_dir={home / 'user-settings'}",
-        f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        f"--{config}.expose_app_in_browser=True",
+        f"--{config}.app_settings_dir={settings}",
+        f"--{config}.user_settings_dir={home / 'user-settings'}",
+        f"--{config}.workspaces_dir={home / 'workspaces'}",
     ]
-    log = (base / "jupyterlab.log").open("wb")
+    log_path = base / f"{app}.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -197,8 +221,8 @@ def lab(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     # A SIGTERM to pytest (a CI timeout) must still run the finally below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        _wait_for_server(process, f"{url}/api/status?token={token}", base / "jupyterlab.log")
-        yield url, token, root
+        _wait_for_server(process, f"{url}/api/status?token={token}", log_path)
+        yield Server(app, url, token, root)
     finally:
         _stop(process)
         log.close()
@@ -213,14 +237,14 @@ def _wait_for_server(process: subprocess.Popen, status_url: str, log: Path) -> N
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"JupyterLab exited with {process.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(status_url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"JupyterLab did not answer in {SERVER_START_TIMEOUT} s:\n{log.read_text()}")
+    raise RuntimeError(f"the server did not answer in {SERVER_START_TIMEOUT} s:\n{log.read_text()}")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -267,7 +291,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser_page(lab):
+def browser_page(server):
+    # Depends on the server so that its pages close before that server stops.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -281,18 +306,15 @@ def browser_page(lab):
             chromium.close()
 
 
-def _open_and_run(context, lab, name: str, cells: list[str]):
-    url, token, root = lab
-    (root / name).write_text(_notebook(cells))
+def _open_and_run(context, server: Server, name: str, cells: list[str]):
+    (server.root / name).write_text(_notebook(cells))
     page = context.new_page()
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
-    page.wait_for_selector(
-        '.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=CELLS_TIMEOUT_MS
-    )
-    # The indicator says idle before a kernel exists too: wait for the kernel itself.
+    page.goto(server.notebook_url(name))
+    # Lab and Notebook 7 both expose the app; wait for the notebook's kernel to be idle.
     page.wait_for_function(
         """() => {
-            const widget = window.jupyterapp.shell.currentWidget;
+            const app = window.jupyterapp;
+            const widget = app && app.shell.currentWidget;
             const kernel = widget && widget.sessionContext && widget.sessionContext.session
                 && widget.sessionContext.session.kernel;
             return kernel && kernel.connectionStatus === "connected" && kernel.status === "idle";
@@ -305,8 +327,9 @@ def _open_and_run(context, lab, name: str, cells: list[str]):
         page.wait_for_selector(".nnx-ckpt-browser .nnx-ckpt-status", timeout=CELLS_TIMEOUT_MS)
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
-        (ARTIFACTS / f"failed-{name}.txt").write_text(page.inner_text("body"))
+        stem = f"failed-{server.app}-{Path(name).stem}"
+        page.screenshot(path=str(ARTIFACTS / f"{stem}.png"), full_page=True)
+        (ARTIFACTS / f"{stem}.txt").write_text(page.inner_text("body"))
         raise
     return page
 
@@ -329,8 +352,9 @@ def _kernel_print(page, code: str) -> str:
     )
 
 
-def test_restore_button_in_jupyterlab(lab, browser_page):
-    page = _open_and_run(browser_page, lab, "restore.ipynb", RESTORE_CELLS)
+@pytest.mark.parametrize("server", ["lab", "notebook"], indirect=True)
+def test_restore_button(server, browser_page):
+    page = _open_and_run(browser_page, server, "restore.ipynb", RESTORE_CELLS)
     widget = page.locator(".nnx-ckpt-browser")
     status = widget.locator(".nnx-ckpt-status")
     assert status.get_attribute("data-state") == "ready"
@@ -349,14 +373,16 @@ def test_restore_button_in_jupyterlab(lab, browser_page):
     ARTIFACTS.mkdir(exist_ok=True)
     widget.scroll_into_view_if_needed()
     page.wait_for_timeout(500)  # let treescope finish its first layout
-    shot = widget.screenshot(path=str(ARTIFACTS / "browser.png"))
-    if os.environ.get("NNX_CKPT_SCREENSHOT") == "1":
+    name = "browser.png" if server.app == "lab" else f"browser-{server.app}.png"
+    shot = widget.screenshot(path=str(ARTIFACTS / name))
+    if server.app == "lab" and os.environ.get("NNX_CKPT_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         (REPO / "docs" / "browser.png").write_bytes(shot)
 
 
-def test_hostile_key_shows_as_text_and_runs_nothing(lab, browser_page):
-    page = _open_and_run(browser_page, lab, "hostile.ipynb", XSS_CELLS)
+@pytest.mark.parametrize("server", ["lab"], indirect=True)
+def test_hostile_key_shows_as_text_and_runs_nothing(server, browser_page):
+    page = _open_and_run(browser_page, server, "hostile.ipynb", XSS_CELLS)
     widget = page.locator(".nnx-ckpt-browser")
     # Click the hostile name in the tree: the kernel renders the caption and treescope view.
     widget.locator("button", has_text=XSS_KEY).first.click()
