@@ -39,20 +39,23 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(case(Path(tmp), size))
     table = format_table(results, smoke)
     print(table)
-    report = {
-        "scale": "smoke" if smoke else "full",
-        "machine": machine_facts(),
-        "results": [r.as_dict() for r in results],
-    }
+    rows = [r.as_dict() for r in results]
+    out = Path(args.out)
+    if args.only and out.exists():
+        # A partial run replaces its own cases' rows and keeps the others' from the last run.
+        rerun = {r.number for r in results}
+        kept = [r for r in json.loads(out.read_text())["results"] if r["number"] not in rerun]
+        rows = sorted(kept + rows, key=lambda r: int(str(r["number"])))
+    report = {"scale": "smoke" if smoke else "full", "machine": machine_facts(), "results": rows}
     if not smoke:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return 0
 
 
 def format_table(results: list[Result], smoke: bool) -> str:
     """The results as a table; a smoke run's sizes are too small to judge a target."""
-    rows = [("#", "case", "ours", "reference", "ratio", "target", "met")]
+    rows = [("#", "case", "ours", "reference", "ratio", "target", "met", "note")]
     for r in results:
         rows.append(
             (
@@ -63,6 +66,7 @@ def format_table(results: list[Result], smoke: bool) -> str:
                 f"{r.ratio:.3f}" if r.ratio is not None else "-",
                 r.target_text,
                 r.verdict if not smoke else "(smoke)",
+                r.note,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
