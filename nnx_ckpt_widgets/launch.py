@@ -323,8 +323,14 @@ class _GlooFilter:
 
     def __init__(self) -> None:
         self.unfinished = 0
+        self.seen = False
 
     def is_chatter(self, line: str) -> bool:
+        if not line:
+            # Two interleaved messages can leave one newline on a line of its own: a blank line
+            # once gloo has spoken is taken as such a stray newline.
+            self.unfinished = max(0, self.unfinished - 1)
+            return self.seen
         pieces = _GLOO_PIECE.findall(line)
         if not pieces or "".join(pieces) != line:
             return False
@@ -332,6 +338,7 @@ class _GlooFilter:
         if not (starts or self.unfinished or "connected" in line):
             return False  # a number that the script printed
         self.unfinished = max(0, self.unfinished + starts - 1)
+        self.seen = True
         return True
 
 

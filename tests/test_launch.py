@@ -260,3 +260,19 @@ def test_round_trip_2x2_save_4x1_restore_single_process_restore(
     report = ncw.restore(tmp_path / "state", target)
     assert report.ok and report.restored_arrays == 2
     jax.tree.map(np.testing.assert_array_equal, expected, nnx.state(target))
+
+
+def test_gloo_chatter_is_dropped_even_when_interleaved() -> None:
+    from nnx_ckpt_widgets.launch import _GlooFilter
+
+    message = (
+        "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+    )
+    tangled = "[Gloo] Rank " + message + message.removeprefix("[Gloo] Rank 0")
+    chatter = _GlooFilter()
+    assert not chatter.is_chatter("")  # a script's own blank line, before gloo spoke
+    assert not chatter.is_chatter("2")  # a script's own number
+    assert chatter.is_chatter(message)
+    assert chatter.is_chatter(tangled)
+    assert chatter.is_chatter("")  # the second message's stray newline
+    assert not chatter.is_chatter("linear1.kernel (8, 8): this process holds [0:4, 0:4]")
