@@ -11,8 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from nnx_ckpt_widgets._tree_metadata import _first_line
-from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError
+from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, first_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +47,7 @@ def _load_factory(spec: str):
         return getattr(module, attr)
     except Exception as err:  # ImportError, AttributeError, or whatever the module raises
         raise InvalidArgumentError(
-            f"Cannot find the model factory {spec!r} ({_first_line(err)}); check that the "
+            f"Cannot find the model factory {spec!r} ({first_line(err)}); check that the "
             "module is on PYTHONPATH and defines that function."
         ) from err
 
@@ -70,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as err:  # the user's code: any error, reported on one line
                 raise InvalidArgumentError(
                     f"The model factory {args.model!r} failed ({type(err).__name__}: "
-                    f"{_first_line(err)}); it must take no arguments and return an NNX model."
+                    f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
             print(compare(args.path, target, step=args.step, item=args.item))
     except CheckpointError as err:

@@ -49,6 +49,6 @@ def full_text_bundle(widget: Any, **kwargs: Any) -> dict[str, Any] | None:
 def one_line(err: BaseException, width: int = 300) -> str:
     """The first line of an error's message, shortened, for a status line."""
     from nnx_ckpt_widgets import render
+    from nnx_ckpt_widgets.errors import first_line
 
-    lines = str(err).strip().splitlines()
-    return render.clip(lines[0] if lines else type(err).__name__, width)
+    return render.clip(first_line(err), width)

@@ -23,6 +23,16 @@ def to_keypath(path: Iterable[Hashable]) -> KeyPath:
     return tuple(str(part) for part in path)
 
 
+# A saved nnx.State keeps one extra level per Variable: {'kernel': {'value': array}}.
+VARIABLE_LEVEL = "value"
+
+
+def has_variable_level(paths: Iterable[Sequence[str]]) -> bool:
+    """True when every path ends in the ``value`` level of a saved ``nnx.State``."""
+    paths = list(paths)
+    return bool(paths) and all(len(p) > 1 and p[-1] == VARIABLE_LEVEL for p in paths)
+
+
 def join(path: Sequence[str]) -> str:
     """Spell a key path the way reports show it: ``linear1/kernel``."""
     return SEP.join(path)

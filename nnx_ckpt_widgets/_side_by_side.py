@@ -116,7 +116,7 @@ def _flat(value: Any) -> dict[KeyPath, Any]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
         parts = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
         flat[_keypaths.to_keypath(parts)] = leaf
-    if flat and all(len(p) > 1 and p[-1] == "value" for p in flat):
+    if _keypaths.has_variable_level(flat):
         flat = {p[:-1]: v for p, v in flat.items()}
     return flat
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._locate import PYTREE_METADATA, _read_json
-from nnx_ckpt_widgets.errors import CorruptCheckpointError
+from nnx_ckpt_widgets.errors import CorruptCheckpointError, first_line
 
 _log = logging.getLogger(__name__)
 _SHARDING_FILE = "_sharding"
@@ -122,12 +122,16 @@ def describe_sharding(spec: Any) -> str:
     if kind == "SingleDeviceSharding":
         return str(spec.get("device_str", "single device"))
     if kind == "NamedSharding":
-        axes = spec.get("axis_names", [])
-        mesh = spec.get("shape", [])
-        sizes = ",".join(f"{a}={s}" for a, s in zip(axes, mesh))
-        parts = spec.get("partition_spec", [])
-        return f"mesh({sizes}) P({', '.join(_spec_part(p) for p in parts)})"
+        return mesh_text(
+            spec.get("axis_names", []), spec.get("shape", []), spec.get("partition_spec", [])
+        )
     return str(kind or spec)
+
+
+def mesh_text(axes: Any, sizes: Any, partition_spec: Any) -> str:
+    """``mesh(data=2,model=2) P(data, model)``: a mesh's axes and sizes, and the spec."""
+    mesh = ",".join(f"{a}={s}" for a, s in zip(axes, sizes))
+    return f"mesh({mesh}) P({', '.join(_spec_part(p) for p in partition_spec)})"
 
 
 def _spec_part(part: Any) -> str:
@@ -151,7 +155,7 @@ def _read_zarr_headers(item_dir: Path, names: list[str], zarr3: bool) -> list[by
     except (ValueError, RuntimeError, OSError) as err:
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
-            f"read ({_first_line(err)}); restore it from a copy or save it again."
+            f"read ({first_line(err)}); restore it from a copy or save it again."
         ) from err
     missing = [n for n, r in zip(names, results) if r.state != "value"]
     if missing:
@@ -196,7 +200,7 @@ def _read_with_orbax(item_dir: Path) -> list[StoredLeaf]:
     except Exception as err:  # Orbax raises many unrelated types for damaged metadata.
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: Orbax cannot read its metadata "
-            f"({_first_line(err)}); restore it from a copy or save it again."
+            f"({first_line(err)}); restore it from a copy or save it again."
         ) from err
     tree = getattr(metadata, "tree", metadata)
     leaves = []
@@ -217,17 +221,6 @@ def _orbax_sharding(sharding: Any) -> str | None:
         return str(device)
     axes = getattr(sharding, "axis_names", None)
     if axes is not None:
-        sizes = ",".join(f"{a}={s}" for a, s in zip(axes, getattr(sharding, "shape", ())))
-        parts = ", ".join(_spec_part(p) for p in getattr(sharding, "partition_spec", ()))
-        return f"mesh({sizes}) P({parts})"
+        sizes = getattr(sharding, "shape", ())
+        return mesh_text(axes, sizes, getattr(sharding, "partition_spec", ()))
     return type(sharding).__name__
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error's message, named by its type when the message alone is a bare
-    token (a ``KeyError(0)`` says only ``0``)."""
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else ""
-    if " " not in text:
-        text = f"{type(err).__name__} {text}".strip()
-    return text[:200]

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets import _keypaths, render
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
@@ -75,18 +75,13 @@ class KeyStatus:
     def detail(self) -> str:
         ckpt = self.checkpoint
         if self.status == "shape mismatch":
-            return f"checkpoint {_shape(ckpt.shape)} vs model {_shape(self.target_shape)}"
+            model = render.shape_text(self.target_shape)
+            return f"checkpoint {render.shape_text(ckpt.shape)} vs model {model}"
         if self.status == "dtype mismatch":
             return f"checkpoint {ckpt.dtype} vs model {self.target_dtype}"
         if self.status == "missing":
-            return f"model {_shape(self.target_shape)} {self.target_dtype}"
-        return f"{_shape(ckpt.shape)} {ckpt.dtype}"
-
-
-def _shape(shape: tuple[int, ...] | None) -> str:
-    from nnx_ckpt_widgets.render import shape_text
-
-    return shape_text(shape)
+            return f"model {render.shape_text(self.target_shape)} {self.target_dtype}"
+        return f"{render.shape_text(ckpt.shape)} {ckpt.dtype}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +141,8 @@ class LoadReport:
     def advice(self) -> str:
         """One line saying what to do next."""
         if self.restored_arrays is not None:
-            return f"Restored {self.restored_arrays} arrays ({_human_bytes(self.restored_bytes)})."
+            size = render.human_bytes(self.restored_bytes or 0)
+            return f"Restored {self.restored_arrays} arrays ({size})."
         if self.ok:
             return f"All {len(self.entries)} keys match: restore(path, model) will load them."
         todo = []
@@ -177,13 +173,9 @@ class LoadReport:
         return ", ".join(parts) if parts else "no differences"
 
     def __str__(self) -> str:
-        from nnx_ckpt_widgets import render
-
         return render.report_text(self)
 
     def _repr_html_(self) -> str:
-        from nnx_ckpt_widgets import render
-
         return render.report_html(self)
 
 
@@ -193,12 +185,6 @@ def _preview(paths: list[str], limit: int = 3) -> str:
     folded = [pattern for pattern, _ in _keypaths.fold(tuple(p.split("/")) for p in paths)]
     shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
-
-
-def _human_bytes(n: int | None) -> str:
-    from nnx_ckpt_widgets.render import human_bytes
-
-    return human_bytes(n or 0)
 
 
 def flatten_target(target: Any) -> list[TargetLeaf]:

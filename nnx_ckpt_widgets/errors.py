@@ -23,6 +23,16 @@ __all__ = [
 ]
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, named by its type when the message alone is a bare
+    token (a ``KeyError(0)`` says only ``0``)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if " " not in text:
+        text = f"{type(err).__name__} {text}".strip()
+    return text[:200]
+
+
 class CheckpointError(Exception):
     """Base class of every error raised by nnx_ckpt_widgets."""
 

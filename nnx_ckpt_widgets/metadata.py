@@ -21,8 +21,6 @@ __all__ = ["CheckpointInfo", "LeafInfo", "StepInfo", "inspect"]
 Format = Literal["nnx.State", "pure dict"]
 STATE_FORMAT: Format = "nnx.State"
 PURE_DICT_FORMAT: Format = "pure dict"
-# A saved nnx.State keeps one extra level per Variable: {'kernel': {'value': array}}.
-_VARIABLE_LEVEL = "value"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +195,6 @@ def info_from_location(location: Location) -> CheckpointInfo:
 
 def detect_format(stored: list[StoredLeaf]) -> Format:
     """``nnx.State`` when every leaf sits under a ``value`` level, else ``pure dict``."""
-    if stored and all(
-        len(leaf.stored_path) > 1 and leaf.stored_path[-1] == _VARIABLE_LEVEL for leaf in stored
-    ):
+    if _keypaths.has_variable_level(leaf.stored_path for leaf in stored):
         return STATE_FORMAT
     return PURE_DICT_FORMAT

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from nnx_ckpt_widgets._locate import locate
-from nnx_ckpt_widgets._tree_metadata import _first_line
 from nnx_ckpt_widgets.compare import (
     KeyStatus,
     LoadReport,
@@ -28,6 +27,7 @@ from nnx_ckpt_widgets.errors import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    first_line,
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, info_from_location
 
@@ -355,8 +355,8 @@ def _reason(err: BaseException) -> str:
     for candidate in reversed(chain):
         text = str(candidate).strip()
         if " " in text.split("\n", 1)[0] and "<bound method" not in text:
-            return _first_line(candidate)
-    return _first_line(err)
+            return first_line(candidate)
+    return first_line(err)
 
 
 def _is_sharding(sharding: Any) -> bool:
