@@ -51,4 +51,4 @@ def one_line(err: BaseException, width: int = 300) -> str:
     from nnx_ckpt_widgets import render
     from nnx_ckpt_widgets.errors import first_line
 
-    return render.clip(first_line(err), width)
+    return render.clip(first_line(err, width=None), width)

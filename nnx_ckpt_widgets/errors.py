@@ -23,14 +23,14 @@ __all__ = [
 ]
 
 
-def first_line(err: BaseException) -> str:
+def first_line(err: BaseException, width: int | None = 200) -> str:
     """The first line of an error's message, named by its type when the message alone is a bare
-    token (a ``KeyError(0)`` says only ``0``)."""
+    token (a ``KeyError(0)`` says only ``0``), cut at ``width`` characters unless None."""
     lines = str(err).strip().splitlines()
     text = lines[0] if lines else ""
     if " " not in text:
         text = f"{type(err).__name__} {text}".strip()
-    return text[:200]
+    return text if width is None else text[:width]
 
 
 class CheckpointError(Exception):
