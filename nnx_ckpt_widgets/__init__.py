@@ -18,9 +18,10 @@ from nnx_ckpt_widgets.errors import (
     IncompleteCheckpointError,
     InvalidArgumentError,
     ItemSelectionError,
+    UnknownLayoutError,
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
-from nnx_ckpt_widgets.restore import load, restore
+from nnx_ckpt_widgets.restore import apply_report, load, restore
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.widgets import CheckpointBrowser, SideBySide, compare_states
@@ -52,7 +53,9 @@ __all__ = [
     "LoadReport",
     "SideBySide",
     "StepInfo",
+    "UnknownLayoutError",
     "__version__",
+    "apply_report",
     "compare",
     "compare_states",
     "inspect",

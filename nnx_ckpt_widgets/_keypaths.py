@@ -18,6 +18,16 @@ SEP = "/"
 _INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
+def is_index(part: str) -> bool:
+    """True for a canonical list index such as ``0`` or ``12`` (not ``007``)."""
+    return bool(_INDEX.match(part))
+
+
+def split(name: str) -> KeyPath:
+    """The inverse of :func:`join`: ``linear1/kernel`` -> ``('linear1', 'kernel')``."""
+    return tuple(name.split(SEP))
+
+
 def to_keypath(path: Iterable[Hashable]) -> KeyPath:
     """Return ``path`` with every part as a string, so ``1`` and ``'1'`` compare equal."""
     return tuple(str(part) for part in path)

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Hashable
 from typing import Any
 
-from nnx_ckpt_widgets import _keypaths, render
+from nnx_ckpt_widgets import _keypaths, _text, render
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
@@ -61,7 +61,7 @@ class TreeModel:
 
     def __init__(self, info: CheckpointInfo):
         self.info = info
-        self._children = render._children(info)
+        self._children = _text.children(info.leaves)
         self._ids: dict[Hashable, int] = {}
         self._signatures: dict[KeyPath, int] = {}
         self.root = TreeNode("", ((),), ())
@@ -98,7 +98,7 @@ class TreeModel:
         slots: list[str | int] = []
         groups: dict[int, list[str]] = {}
         for name in names:
-            if not _keypaths._INDEX.match(name):
+            if not _keypaths.is_index(name):
                 slots.append(name)
                 continue
             signature = self.signature((*node.path, name))

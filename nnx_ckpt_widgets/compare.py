@@ -8,14 +8,19 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from nnx_ckpt_widgets import _keypaths, render
+from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
 from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
 __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
 
 Status = Literal["matched", "missing", "unexpected", "shape mismatch", "dtype mismatch"]
+Action = Literal["restored", "cast", "zeros", "kept", "ignored"]
+ACTIONS: tuple[Action, ...] = ("restored", "cast", "zeros", "kept", "ignored")
+# The statuses whose arrays a restore reads from the checkpoint.
+READ_STATUSES: tuple[Status, ...] = ("matched", "dtype mismatch")
 STATUSES: tuple[Status, ...] = (
     "matched",
     "missing",
@@ -69,19 +74,25 @@ class KeyStatus:
     target_shape: tuple[int, ...] | None = None
     target_dtype: str | None = None
     source: str | None = None
-    action: str | None = None
+    action: Action | None = None
+    transformed: bool = False
 
     @property
     def detail(self) -> str:
         ckpt = self.checkpoint
+        if ckpt is None:  # missing: only the model side exists
+            return f"model {shape_text(self.target_shape)} {self.target_dtype}"
         if self.status == "shape mismatch":
-            model = render.shape_text(self.target_shape)
-            return f"checkpoint {render.shape_text(ckpt.shape)} vs model {model}"
+            model = shape_text(self.target_shape)
+            return f"checkpoint {shape_text(ckpt.shape)} vs model {model}"
         if self.status == "dtype mismatch":
             return f"checkpoint {ckpt.dtype} vs model {self.target_dtype}"
-        if self.status == "missing":
-            return f"model {render.shape_text(self.target_shape)} {self.target_dtype}"
-        return f"{render.shape_text(ckpt.shape)} {ckpt.dtype}"
+        return f"{shape_text(ckpt.shape)} {ckpt.dtype}"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a restore reads for this key (0 unless the checkpoint holds it)."""
+        return self.checkpoint.nbytes if self.checkpoint is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +110,7 @@ class LoadReport:
     item: str | None = None
     restored_arrays: int | None = None
     restored_bytes: int | None = None
+    info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def _paths(self, status: Status) -> list[str]:
         return [e.path for e in self.entries if e.status == status]
@@ -129,6 +141,45 @@ class LoadReport:
         return [e for e in self.entries if e.action == "cast"]
 
     @property
+    def to_read(self) -> tuple[KeyStatus, ...]:
+        """The entries whose arrays a restore reads: matched ones, and the ones to cast."""
+        return tuple(e for e in self.entries if e.status in READ_STATUSES)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes a restore reads from the checkpoint."""
+        return sum(e.nbytes for e in self.to_read)
+
+    @property
+    def action_counts(self) -> dict[Action, int]:
+        """After a restore: how many keys got each action, in the order of ``ACTIONS``."""
+        counts = dict.fromkeys(ACTIONS, 0)
+        for entry in self.entries:
+            if entry.action is not None:
+                counts[entry.action] += 1
+        return counts
+
+    @property
+    def outcome(self) -> str | None:
+        """After a restore, one line on what changed: ``Restored 2 arrays (128 B), zero-filled
+        2.``; None before any restore."""
+        if self.restored_arrays is None:
+            return None
+        counts = self.action_counts
+        read = counts["restored"] + counts["cast"]
+        size = human_bytes(self.restored_bytes or 0)
+        parts = [f"Restored {plural(read, 'array')} ({size})"]
+        if counts["cast"]:
+            parts.append(f"{counts['cast']} of them cast")
+        if counts["zeros"]:
+            parts.append(f"zero-filled {counts['zeros']}")
+        if counts["kept"]:
+            parts.append(f"kept {counts['kept']} as they were")
+        if counts["ignored"]:
+            parts.append(f"ignored {plural(counts['ignored'], 'checkpoint key')}")
+        return ", ".join(parts) + "."
+
+    @property
     def ok(self) -> bool:
         """True when every key matched: a strict restore will succeed."""
         return all(e.status == "matched" for e in self.entries)
@@ -140,9 +191,8 @@ class LoadReport:
     @property
     def advice(self) -> str:
         """One line saying what to do next."""
-        if self.restored_arrays is not None:
-            size = render.human_bytes(self.restored_bytes or 0)
-            return f"Restored {self.restored_arrays} arrays ({size})."
+        if self.outcome is not None:
+            return self.outcome
         if self.ok:
             return f"All {len(self.entries)} keys match: restore(path, model) will load them."
         todo = []
@@ -173,16 +223,18 @@ class LoadReport:
         return ", ".join(parts) if parts else "no differences"
 
     def __str__(self) -> str:
+        from nnx_ckpt_widgets import render
+
         return render.report_text(self)
 
     def _repr_html_(self) -> str:
+        from nnx_ckpt_widgets import render
+
         return render.report_html(self)
 
 
 def _preview(paths: list[str], limit: int = 3) -> str:
-    from nnx_ckpt_widgets.render import clip
-
-    folded = [pattern for pattern, _ in _keypaths.fold(tuple(p.split("/")) for p in paths)]
+    folded = [pattern for pattern, _ in _keypaths.fold(_keypaths.split(p) for p in paths)]
     shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
 
@@ -268,7 +320,7 @@ def apply_rename(
         name = original = _keypaths.join(path)
         for rule, repl in rules:
             name = rule.sub(repl, name)
-        new_path = tuple(name.split(_keypaths.SEP))
+        new_path = _keypaths.split(name)
         if new_path in out:
             other = out[new_path][1] or _keypaths.join(out[new_path][0].path)
             raise InvalidArgumentError(
@@ -310,6 +362,7 @@ def build_report(
         entries=tuple(entries),
         step=info.step,
         item=info.item,
+        info=info,
     )
 
 

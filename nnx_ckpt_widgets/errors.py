@@ -20,15 +20,25 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidArgumentError",
     "ItemSelectionError",
+    "UnknownLayoutError",
 ]
+
+
+def _first(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def is_bare(err: BaseException) -> bool:
+    """True when an error's first line is a bare token (a ``KeyError(0)`` says only ``0``)."""
+    return " " not in _first(err)
 
 
 def first_line(err: BaseException, width: int | None = 200) -> str:
     """The first line of an error's message, named by its type when the message alone is a bare
-    token (a ``KeyError(0)`` says only ``0``), cut at ``width`` characters unless None."""
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else ""
-    if " " not in text:
+    token, cut at ``width`` characters unless None."""
+    text = _first(err)
+    if is_bare(err):
         text = f"{type(err).__name__} {text}".strip()
     return text if width is None else text[:width]
 
@@ -50,7 +60,13 @@ class IncompleteCheckpointError(CheckpointError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """The checkpoint's metadata or array data cannot be read."""
+    """A checkpoint of a layout this package knows is damaged: its metadata or array data
+    cannot be read."""
+
+
+class UnknownLayoutError(CheckpointError):
+    """The folder holds files, but in no layout this package knows; the message names what
+    was found and the layouts that are supported."""
 
 
 class ItemSelectionError(CheckpointError):

@@ -7,14 +7,13 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from functools import cached_property
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
-from nnx_ckpt_widgets._locate import Location, StepInfo, locate
-from nnx_ckpt_widgets._tree_metadata import StoredLeaf, read_leaves
+from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets.errors import InvalidArgumentError
+from nnx_ckpt_widgets.layouts import Location, StepInfo, StoredLeaf, locate
 
 __all__ = ["CheckpointInfo", "LeafInfo", "StepInfo", "inspect"]
 
@@ -52,7 +51,7 @@ class LeafInfo:
         """Bytes the array takes in memory."""
         import numpy as np
 
-        from nnx_ckpt_widgets._tree_metadata import dtype_name
+        from nnx_ckpt_widgets.layouts._pytree import dtype_name
 
         try:
             itemsize = np.dtype(self.dtype).itemsize
@@ -70,24 +69,32 @@ class CheckpointInfo:
     """What :func:`inspect` found.
 
     Attributes:
-      path: the path that was inspected.
-      item_dir: the folder of the pytree that was read.
+      path: the path that was inspected, as given (a URL stays a URL).
+      item_dir: the folder (or file) holding the arrays that were read.
       format: ``"nnx.State"`` or ``"pure dict"``.
       leaves: the arrays, by key path, in saved order.
-      step: the step read, for a ``CheckpointManager`` root.
-      item: the item read, when the step holds named items.
-      steps: the restorable steps of a manager root, ascending, with their metrics.
-      items: the items of the step.
+      step: the step read, under a root of steps (``CheckpointManager``,
+        ``training.Checkpointer``) or in one step folder.
+      item: the item (checkpointable) read, when the checkpoint names its items.
+      steps: the restorable steps of a root, ascending, with their metrics.
+      items: the items of the step or checkpoint.
+      layout: what was found on disk, e.g. ``Orbax v1 checkpoint``.
+      custom_metadata: what the saver passed as ``custom_metadata=``.
+      location: where the arrays live, for :func:`restore` to read them without looking
+        the checkpoint up again.
     """
 
-    path: Path
-    item_dir: Path
+    path: AnyPath
+    item_dir: AnyPath
     format: Format
     leaves: Mapping[KeyPath, LeafInfo]
     step: int | None = None
     item: str | None = None
     steps: tuple[StepInfo, ...] = ()
     items: tuple[str, ...] = ()
+    layout: str = ""
+    custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_params(self) -> int:
@@ -158,10 +165,11 @@ def inspect(
     """Read what a checkpoint holds from its metadata, without reading any array bytes.
 
     Args:
-      path: a checkpoint folder written by ``StandardCheckpointer`` (an ``nnx.State`` or a
-        pure dict), a ``CheckpointManager`` root, or one of its step folders.
-      step: under a manager root, the step to read; the latest restorable one by default.
-      item: the item to read when the step holds several (e.g. ``"model"``).
+      path: a checkpoint (an ``nnx.State`` or a pure dict) written by Orbax v0's
+        ``StandardCheckpointer`` or v1's ``ocp.v1.save`` / ``save_checkpointables``, a root
+        of steps (``CheckpointManager``, ``training.Checkpointer``), or one step folder.
+      step: under a root of steps, the step to read; the latest restorable one by default.
+      item: the item (checkpointable) to read when there are several (e.g. ``"model"``).
 
     Returns:
       A :class:`CheckpointInfo`; ``str()`` of it is a summary table.
@@ -175,7 +183,7 @@ def inspect(
 
 
 def info_from_location(location: Location) -> CheckpointInfo:
-    stored = read_leaves(location.item_dir)
+    stored = location.layout.leaves(location)
     fmt = detect_format(stored)
     leaves = {}
     for leaf in stored:
@@ -183,13 +191,16 @@ def info_from_location(location: Location) -> CheckpointInfo:
         leaves[logical] = LeafInfo(logical, leaf.stored_path, leaf.shape, leaf.dtype, leaf.sharding)
     return CheckpointInfo(
         path=location.path,
-        item_dir=location.item_dir,
+        item_dir=location.data,
         format=fmt,
         leaves=leaves,
         step=location.step,
         item=location.item,
         steps=location.steps,
         items=location.items,
+        layout=location.kind,
+        custom_metadata=location.custom_metadata,
+        location=location,
     )
 
 

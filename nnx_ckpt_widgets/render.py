@@ -9,19 +9,38 @@ them.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._text import (
+    children,
+    clip,
+    human_bytes,
+    shape_text,
+    step_text,
+    table,
+    where,
+)
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.compare import KeyStatus, LoadReport
     from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
-__all__ = ["esc", "human_bytes", "info_html", "info_text", "report_html", "report_text"]
+__all__ = [
+    "clip",
+    "esc",
+    "human_bytes",
+    "info_html",
+    "info_text",
+    "report_html",
+    "report_text",
+    "shape_text",
+    "step_text",
+    "where",
+]
 
-_MAX_KEY = 64
 STATUS_COLOURS = {
     "matched": "#1a7f37",
     "missing": "#9a6700",
@@ -38,58 +57,6 @@ BOX_STYLE = (
 def esc(value: object) -> str:
     """HTML-escape anything, quotes included, so it can go into text and attributes."""
     return html.escape(str(value), quote=True)
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def shape_text(shape: Sequence[int] | None) -> str:
-    return "(" + ", ".join(map(str, shape or ())) + (",)" if len(shape or ()) == 1 else ")")
-
-
-def clip(text: str, width: int = _MAX_KEY) -> str:
-    """Shorten ``text`` to ``width`` characters, keeping both ends, for text tables."""
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
-    if len(text) <= width:
-        return text
-    half = (width - 1) // 2
-    return text[:half] + "…" + text[-(width - 1 - half) :]
-
-
-def table(rows: list[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
-    """Align rows into columns; ``right`` lists the right-aligned column numbers."""
-    right = set(right)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
-
-
-def where(path: object, step: int | None, item: str | None, steps: Sequence = ()) -> str:
-    parts = [str(path)]
-    if step is not None:
-        latest = max((s.step for s in steps), default=step)
-        if len(steps) <= 1:
-            parts.append(f"step {step}")
-        elif step == latest:
-            parts.append(f"step {step} (latest of {len(steps)} steps)")
-        else:
-            parts.append(f"step {step} ({len(steps)} steps, latest {latest})")
-    if item is not None:
-        parts.append(f"item {item!r}")
-    return ", ".join(parts)
 
 
 def _leaf_groups(leaves: Iterable[LeafInfo]) -> list[tuple[str, list[LeafInfo]]]:
@@ -113,7 +80,7 @@ def info_text(info: CheckpointInfo) -> str:
         f"{human_bytes(info.nbytes)}",
     ]
     if len(info.steps) > 1 or (info.steps and info.steps[0].metrics):
-        lines.append("steps: " + ", ".join(_step_text(s) for s in info.steps))
+        lines.append("steps: " + ", ".join(step_text(s) for s in info.steps))
     if len(info.items) > 1:
         lines.append("items: " + ", ".join(info.items))
     rows = [("key", "shape", "dtype", "params", "bytes", "sharding")]
@@ -135,17 +102,6 @@ def info_text(info: CheckpointInfo) -> str:
     return "\n".join(lines)
 
 
-def _step_text(step) -> str:
-    metrics = ", ".join(f"{clip(k, 24)}={_metric(v)}" for k, v in sorted(step.metrics.items()))
-    return f"{step.step}" + (f" ({metrics})" if metrics else "")
-
-
-def _metric(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return clip(str(value), 24)
-
-
 def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
     """A compact, escaped HTML tree of a checkpoint: subtrees fold, repeated layers fold."""
     header = (
@@ -153,16 +109,8 @@ def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
         f"{esc(info.format)}: {len(info.leaves):,} arrays, {info.num_params:,} params, "
         f"{esc(human_bytes(info.nbytes))}"
     )
-    body = _tree_html(info, (), _children(info), max_children, depth=0)
+    body = _tree_html(info, (), children(info.leaves), max_children, depth=0)
     return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
-
-
-def _children(info: CheckpointInfo) -> dict[KeyPath, list[str]]:
-    children: dict[KeyPath, dict[str, None]] = {}
-    for path in info.leaves:
-        for depth in range(len(path)):
-            children.setdefault(path[:depth], {})[path[depth]] = None
-    return {prefix: list(names) for prefix, names in children.items()}
 
 
 def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -> str:

@@ -1,20 +1,22 @@
 """``restore`` and ``load``: put a checkpoint into a live model, all or nothing.
 
-The work is Orbax's: one ``PyTreeCheckpointHandler`` restore with ``partial_restore=True`` over
-exactly the arrays that will be used, so a lenient restore reads only those bytes. What this
-module adds is the bookkeeping around it: a report first, every new value computed before the
-target is touched (a failed restore leaves it bit-for-bit as it was), typed PRNG keys, casts
-that are always reported, and errors that say what to do.
+The reading is the layout's (for every Orbax layout, one ``PyTreeCheckpointHandler`` partial
+restore per batch over exactly the arrays that will be used, so a lenient restore reads only
+those bytes). What this module adds is the bookkeeping around it: a report first, every new
+value computed before the target is touched (a failed restore leaves it bit-for-bit as it
+was), typed PRNG keys, casts that are always reported, progress, and errors that say what to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from nnx_ckpt_widgets._locate import locate
+from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets.compare import (
+    READ_STATUSES,
     KeyStatus,
     LoadReport,
     TargetLeaf,
@@ -22,21 +24,20 @@ from nnx_ckpt_widgets.compare import (
     flatten_target,
     mismatch_error,
 )
-from nnx_ckpt_widgets.errors import (
-    CheckpointError,
-    CheckpointMismatchError,
-    CorruptCheckpointError,
-    InvalidArgumentError,
-    first_line,
-)
-from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, info_from_location
+from nnx_ckpt_widgets.errors import CorruptCheckpointError, InvalidArgumentError
+from nnx_ckpt_widgets.layouts import ReadRequest
+from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
-__all__ = ["load", "restore"]
+__all__ = ["apply_report", "load", "restore"]
 
 MissingPolicy = Literal["keep", "zeros"]
 UnexpectedPolicy = Literal["ignore", "error"]
+Progress = Callable[[int, int], None]
 _MISSING = ("keep", "zeros")
 _UNEXPECTED = ("ignore", "error")
+# Arrays are read in batches of about this many bytes, so progress can be reported and a
+# batch's temporary buffers stay bounded; one Orbax call per batch costs a few milliseconds.
+BATCH_BYTES = 64 * 2**20
 
 
 def restore(
@@ -50,6 +51,7 @@ def restore(
     unexpected: UnexpectedPolicy = "ignore",
     rename: Mapping[str, str] | None = None,
     cast: bool = False,
+    progress: Progress | None = None,
 ) -> LoadReport:
     """Restore a checkpoint into ``target`` in place; on any error, ``target`` is unchanged.
 
@@ -69,6 +71,8 @@ def restore(
         before matching, e.g. ``{r"linear(\\d)": r"layer\\1"}``.
       cast: allow casting arrays whose dtype differs from the target's; each cast is listed
         in the report.
+      progress: called as ``progress(done_bytes, total_bytes)`` before the first read and
+        after each batch of arrays, from the thread that restores.
 
     Returns:
       The :class:`LoadReport`, with each key's ``action`` and the totals restored.
@@ -77,8 +81,15 @@ def restore(
       CheckpointMismatchError: the checkpoint does not fit and the options do not allow it.
       CheckpointError: another subclass when the checkpoint cannot be found or read.
     """
-    return _restore(
-        path, target, step, item, strict, missing, unexpected, rename, cast, fill_missing=None
+    report = build_report(inspect(path, step=step, item=item), flatten_target(target), rename)
+    return apply_report(
+        report,
+        target,
+        strict=strict,
+        missing=missing,
+        unexpected=unexpected,
+        cast=cast,
+        progress=progress,
     )
 
 
@@ -93,6 +104,7 @@ def load(
     unexpected: UnexpectedPolicy = "ignore",
     rename: Mapping[str, str] | None = None,
     cast: bool = False,
+    progress: Progress | None = None,
 ) -> Any:
     """Build the model that ``factory`` makes, with its arrays taken from a checkpoint.
 
@@ -104,7 +116,8 @@ def load(
       path: as for :func:`restore`.
       factory: a function of no arguments that returns the model, e.g.
         ``lambda: MLP(4, rngs=nnx.Rngs(0))``.
-      step, item, strict, missing, unexpected, rename, cast: as for :func:`restore`.
+      step, item, strict, missing, unexpected, rename, cast, progress: as for
+        :func:`restore`.
 
     Returns:
       The model, with every array concrete.
@@ -127,49 +140,75 @@ def load(
 
         return jax.jit(init)()  # XLA drops the initialisers of every other array.
 
-    _restore(
-        path,
-        model,
-        step,
-        item,
-        strict,
-        missing,
-        unexpected,
-        rename,
-        cast,
-        fill_missing=initial_values,
-    )
+    report = build_report(inspect(path, step=step, item=item), flatten_target(model), rename)
+    _apply(report, model, strict, missing, unexpected, cast, progress, initial_values)
     return model
 
 
-def _restore(
-    path,
-    target,
-    step,
-    item,
-    strict,
-    missing,
-    unexpected,
-    rename,
-    cast,
+def apply_report(
+    report: LoadReport,
+    target: Any,
+    *,
+    strict: bool = True,
+    missing: MissingPolicy = "keep",
+    unexpected: UnexpectedPolicy = "ignore",
+    cast: bool = False,
+    progress: Progress | None = None,
+) -> LoadReport:
+    """Restore into ``target`` from a report already built against it by :func:`compare`.
+
+    The checkpoint is not looked up or inspected again: the report's ``info`` says where the
+    arrays are. This is what the browser's Restore button calls.
+
+    Args:
+      report: a :class:`LoadReport` of ``target`` (``compare(path, target, ...)``).
+      target, strict, missing, unexpected, cast, progress: as for :func:`restore`.
+
+    Returns:
+      The report of the restore, with each key's ``action``.
+
+    Raises:
+      InvalidArgumentError: the report was not built against ``target``'s keys.
+      CheckpointError: as for :func:`restore`.
+    """
+    return _apply(report, target, strict, missing, unexpected, cast, progress, None)
+
+
+def _apply(
+    report: LoadReport,
+    target: Any,
+    strict: bool,
+    missing: MissingPolicy,
+    unexpected: UnexpectedPolicy,
+    cast: bool,
+    progress: Progress | None,
     fill_missing: Callable[[list[TargetLeaf]], list[Any]] | None,
 ) -> LoadReport:
     if missing not in _MISSING:
         raise InvalidArgumentError(f"missing must be one of {_MISSING}, got {missing!r}.")
     if unexpected not in _UNEXPECTED:
         raise InvalidArgumentError(f"unexpected must be one of {_UNEXPECTED}, got {unexpected!r}.")
-    info = info_from_location(locate(path, step=step, item=item))
+    info = report.info
+    if info is None:
+        raise InvalidArgumentError(
+            "This LoadReport carries no checkpoint to read from; build it with "
+            "compare(path, target) or pass the path to restore()."
+        )
     leaves = flatten_target(target)
-    report = build_report(info, leaves, rename)
+    by_name = {_keypaths.join(leaf.path): leaf for leaf in leaves}
+    wanted = {e.path for e in report.entries if e.status != "unexpected"}
+    if wanted != set(by_name):
+        raise InvalidArgumentError(
+            f"The load report of {report.path} was built against another target (its keys "
+            "differ from this target's); build it again with compare(path, target)."
+        )
     _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing)
 
-    by_name = {"/".join(leaf.path): leaf for leaf in leaves}
-    to_read = [e for e in report.entries if e.status in ("matched", "dtype mismatch")]
-    arrays = _read_arrays(info, [(e.checkpoint, by_name[e.path]) for e in to_read])
-
+    to_read = report.to_read
+    arrays = read_arrays(info, [(_leaf_of(e), by_name[e.path]) for e in to_read], progress=progress)
     updates: list[tuple[TargetLeaf, Any]] = []
-    actions: dict[str, str] = {}
-    for entry, value in zip(to_read, arrays):
+    actions: dict[str, Any] = {}
+    for entry, value in zip(to_read, arrays, strict=True):
         updates.append((by_name[entry.path], value))
         actions[entry.path] = "cast" if entry.status == "dtype mismatch" else "restored"
     absent = [by_name[e.path] for e in report.entries if e.status == "missing"]
@@ -180,9 +219,8 @@ def _restore(
             values = list(fill_missing(absent))
         else:
             values = [None] * len(absent)
-        for leaf, value in zip(absent, values):
-            name = "/".join(leaf.path)
-            actions[name] = "zeros" if missing == "zeros" else "kept"
+        for leaf, value in zip(absent, values, strict=True):
+            actions[_keypaths.join(leaf.path)] = "zeros" if missing == "zeros" else "kept"
             if value is not None:
                 updates.append((leaf, value))
     for entry in report.entries:
@@ -191,21 +229,23 @@ def _restore(
 
     # Everything is read and computed: only now is the target touched. Setting a Variable's
     # value cannot fail half-way for values whose shapes were checked above.
-    _apply(target, [(leaf, _as_scalar(leaf, value)) for leaf, value in updates])
+    _set_values(target, [(leaf, _as_scalar(leaf, value)) for leaf, value in updates])
 
-    entries = tuple(_with_action(e, actions.get(e.path)) for e in report.entries)
-    return LoadReport(
-        path=report.path,
-        format=report.format,
+    entries = tuple(dataclasses.replace(e, action=actions.get(e.path)) for e in report.entries)
+    return dataclasses.replace(
+        report,
         entries=entries,
-        step=report.step,
-        item=report.item,
         restored_arrays=len(to_read),
-        restored_bytes=sum(e.checkpoint.nbytes for e in to_read),
+        restored_bytes=report.read_bytes,
     )
 
 
-def _apply(target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
+def _leaf_of(entry: KeyStatus) -> LeafInfo:
+    assert entry.checkpoint is not None, "a key to read has a checkpoint array"
+    return entry.checkpoint
+
+
+def _set_values(target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
     from flax import nnx
 
     # An nnx.State (or an nnx.data attribute) may hold plain arrays rather than Variables:
@@ -231,15 +271,9 @@ def _as_scalar(leaf: TargetLeaf, value: Any) -> Any:
     return leaf.scalar_type(np.asarray(value).item())
 
 
-def _with_action(entry: KeyStatus, action: str | None) -> KeyStatus:
-    import dataclasses
-
-    return dataclasses.replace(entry, action=action)
-
-
 def _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing) -> None:
     if strict:
-        allowed = ("matched", "dtype mismatch") if cast else ("matched",)
+        allowed = READ_STATUSES if cast else ("matched",)
         if any(e.status not in allowed for e in report.entries):
             raise mismatch_error(
                 report,
@@ -258,10 +292,9 @@ def _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missi
     if report.unexpected and unexpected == "error":
         raise mismatch_error(report, "pass unexpected='ignore' to skip them.")
     if missing == "keep" and fill_missing is None:
+        abstract_names = {_keypaths.join(t.path) for t in leaves if t.abstract}
         abstract = [e.path for e in report.entries if e.status == "missing"]
-        abstract = [
-            p for p in abstract if any("/".join(t.path) == p and t.abstract for t in leaves)
-        ]
+        abstract = [p for p in abstract if p in abstract_names]
         if abstract:
             raise mismatch_error(
                 report,
@@ -285,46 +318,57 @@ def _zeros(leaf: TargetLeaf) -> Any:
     return value
 
 
-def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]]) -> list[Any]:
-    """Read exactly the given checkpoint arrays, onto the targets' shardings and dtypes."""
+def read_arrays(
+    info: CheckpointInfo,
+    pairs: Sequence[tuple[LeafInfo, TargetLeaf]],
+    *,
+    progress: Progress | None = None,
+    batch_bytes: int = BATCH_BYTES,
+) -> list[Any]:
+    """Read exactly the given checkpoint arrays, onto the targets' shardings and dtypes.
+
+    Reads go to the checkpoint's layout in batches of about ``batch_bytes``.
+
+    Raises:
+      CorruptCheckpointError: the data cannot be read, or comes back in another shape.
+    """
     if not pairs:
+        if progress is not None:
+            progress(0, 0)
         return []
     import jax
-    import orbax.checkpoint as ocp
 
+    location = info.location
+    if location is None:
+        raise InvalidArgumentError(
+            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
+        )
     default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    item: dict = {}
-    restore_args: dict = {}
+    requests = []
     for leaf, target in pairs:
-        if target.scalar_type is not None:
-            # Python scalars go through Orbax's scalar handler, which takes no sharding.
-            _nest(item, leaf.stored_path, target.scalar_type(0))
-            _nest(restore_args, leaf.stored_path, ocp.RestoreArgs())
-            continue
         # A key array's sharding describes the key, not its uint32 data: restore those locally.
-        usable = target.key_impl is None and _is_sharding(target.sharding)
-        sharding = target.sharding if usable else default_sharding
-        dtype = target.dtype
-        _nest(item, leaf.stored_path, jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding))
-        _nest(restore_args, leaf.stored_path, ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype))
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(
-                info.item_dir.absolute(),  # Orbax rejects relative paths; inspect accepts them
-                args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True
-                ),
+        usable = target.key_impl is None and isinstance(target.sharding, jax.sharding.Sharding)
+        requests.append(
+            ReadRequest(
+                stored_path=leaf.stored_path,
+                shape=leaf.shape,
+                dtype=target.dtype,
+                sharding=target.sharding if usable else default_sharding,
+                scalar_type=target.scalar_type,
             )
-        values = [_get(restored, leaf.stored_path) for leaf, _ in pairs]
-    except CheckpointError:
-        raise
-    except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
-        raise CorruptCheckpointError(
-            f"Checkpoint at {info.item_dir} could not be read: {_reason(err)}; "
-            "the target was left unchanged, restore the checkpoint from a copy or save it again."
-        ) from err
+        )
+    total = sum(leaf.nbytes for leaf, _ in pairs)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    values: list[Any] = []
+    for batch in _batches(list(zip(pairs, requests, strict=True)), batch_bytes):
+        values.extend(location.layout.read(location, [request for _, request in batch]))
+        done += sum(leaf.nbytes for (leaf, _), _ in batch)
+        if progress is not None:
+            progress(done, total)
     out = []
-    for (leaf, target), value in zip(pairs, values):
+    for (leaf, target), value in zip(pairs, values, strict=True):
         if target.scalar_type is not None:
             out.append(value)  # converted to the target's Python type when applied
             continue
@@ -343,40 +387,16 @@ def _read_arrays(info: CheckpointInfo, pairs: list[tuple[LeafInfo, TargetLeaf]])
     return out
 
 
-def _reason(err: BaseException) -> str:
-    """The most precise line in an error's chain: Orbax wraps TensorStore's precise error in a
-    vague one, but the innermost can also be a bare token (a ``StopIteration`` saying ``0``)."""
-    chain, seen = [err], {id(err)}
-    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        if id(inner) in seen:
-            break
-        seen.add(id(inner))
-        chain.append(inner)
-    for candidate in reversed(chain):
-        text = str(candidate).strip()
-        if " " in text.split("\n", 1)[0] and "<bound method" not in text:
-            return first_line(candidate)
-    return first_line(err)
-
-
-def _is_sharding(sharding: Any) -> bool:
-    import jax
-
-    return isinstance(sharding, jax.sharding.Sharding)
-
-
-def _nest(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for part in path:
-        try:
-            tree = tree[part]
-        except (KeyError, TypeError) as err:
-            raise CheckpointMismatchError(
-                f"Orbax returned no value for {'/'.join(path)}; the target was left unchanged."
-            ) from err
-    return tree
+def _batches(items: list, limit: int) -> list[list]:
+    """Consecutive groups of ``(leaf, ...)`` pairs of at most ``limit`` bytes each (one big
+    array makes a batch of its own)."""
+    batches: list[list] = []
+    size = 0
+    for entry in items:
+        nbytes = entry[0][0].nbytes
+        if not batches or size + nbytes > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += nbytes
+    return batches

@@ -143,7 +143,7 @@ class CheckpointBrowser(w.VBox):
         options = []
         for step in info.steps:
             mark = f"  ({', '.join(marks[step.step])})" if marks.get(step.step) else ""
-            options.append((render._step_text(step) + mark, step.step))
+            options.append((render.step_text(step) + mark, step.step))
         self._filling = True  # setting options moves the value: not a user's choice
         try:
             self.step_selector.options = options
@@ -234,7 +234,7 @@ class CheckpointBrowser(w.VBox):
         if info.steps:
             marks = self._step_marks()
             steps = [
-                render._step_text(s) + "".join(f" {m}" for m in marks.get(s.step, ()))
+                render.step_text(s) + "".join(f" {m}" for m in marks.get(s.step, ()))
                 for s in info.steps
             ]
             lines.append("steps: " + ", ".join(steps))

@@ -359,7 +359,7 @@ def test_restore_button(server, browser_page):
     status = widget.locator(".nnx-ckpt-status")
     assert status.get_attribute("data-state") == "ready"
     assert status.inner_text() == "Ready to restore 12 arrays (4.9 KiB)."
-    assert "ckpt, step 300 (latest of 3 steps)" in widget.inner_text()
+    assert "ckpt, step 300 (3 steps, latest 300)" in widget.inner_text()
     target, before = _kernel_print(page, "print(checksum(saved), checksum(model))").split()
     assert target != before
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nnx_ckpt_widgets as ncw
-from nnx_ckpt_widgets import _tree_metadata
+from nnx_ckpt_widgets.layouts import _pytree as _tree_metadata
 
 # --- the fast reader returns exactly what Orbax returns ----------------------------------
 
@@ -157,11 +157,11 @@ def test_fast_reader_returns_what_orbax_returns(kind_dir):
     assert expected, name
     if ocdbt:
         # The fast path itself (not the Orbax fallback) produced the answer.
-        fast = _tree_metadata._read_fast(item_dir)
+        fast = _tree_metadata.read_fast(item_dir)
         assert {f.stored_path: (f.shape, f.dtype, f.sharding) for f in fast} == expected
     else:
-        with pytest.raises(_tree_metadata._Unrecognised):
-            _tree_metadata._read_fast(item_dir)
+        with pytest.raises(_tree_metadata.Unrecognised):
+            _tree_metadata.read_fast(item_dir)
 
 
 def test_reader_covers_the_kinds_it_claims(ckpt_dir, manager_ckpt):
@@ -374,10 +374,20 @@ def test_error_file_and_empty_and_unrelated_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
-    for name in ("file", "empty", "other"):
+    for name in ("file", "empty"):
         with pytest.raises(ncw.CheckpointNotFoundError) as raised:
             ncw.inspect(tmp_path / name)
         _assert_good_error(raised.value, tmp_path / name)
+    # Files in no known layout: not "missing", not "damaged", but what was found and what is
+    # supported.
+    with pytest.raises(ncw.UnknownLayoutError) as raised:
+        ncw.inspect(tmp_path / "other")
+    assert not isinstance(raised.value, (ncw.CorruptCheckpointError, ncw.CheckpointNotFoundError))
+    message = str(raised.value)
+    assert "notes.txt" in message
+    for known in ("Orbax v0 checkpoint", "Orbax v1 checkpoint", "CheckpointManager root"):
+        assert known in message
+    _assert_good_error(raised.value, tmp_path / "other")
 
 
 def test_error_interrupted_save_tmp_folder(tmp_path, mlp_state_ckpt):

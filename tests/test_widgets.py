@@ -269,7 +269,7 @@ def test_step_selector_lists_steps_metrics_and_latest(manager_root):
     assert "loss=0.3333" in labels[2] and "<img src=x …or=alert(1)>=3" in labels[2]
     assert not any("latest" in label for label in labels[:2])
     assert selector.value == 3 and browser.info.step == 3
-    assert "step 3 (latest of 3 steps)" in browser.header.value
+    assert "step 3 (3 steps, latest 3)" in browser.header.value
     assert "steps: 1 (" in repr(browser) and "latest" in repr(browser)
 
     old_tree = browser.tree

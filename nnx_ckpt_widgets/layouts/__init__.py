@@ -1,0 +1,94 @@
+"""The on-disk layouts this package reads, one module each, tried in order.
+
+Each layout implements :class:`~nnx_ckpt_widgets.layouts.base.Layout`. :func:`locate` lists
+the user's folder once and hands the listing to each layout in turn; the first that matches
+picks the step and item. A folder that no layout matches gets an
+:class:`~nnx_ckpt_widgets.errors.UnknownLayoutError` naming what is there and what is supported.
+Storage (a local folder, or a bucket) sits under every layout, in :mod:`nnx_ckpt_widgets._storage`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nnx_ckpt_widgets import _storage
+from nnx_ckpt_widgets._text import clip
+from nnx_ckpt_widgets.errors import (
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    UnknownLayoutError,
+)
+from nnx_ckpt_widgets.layouts._steps import TMP_MARKER
+from nnx_ckpt_widgets.layouts.base import Layout, Location, ReadRequest, StepInfo, StoredLeaf
+from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
+from nnx_ckpt_widgets.layouts.orbax_v0_manager import OrbaxV0ManagerLayout
+from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
+from nnx_ckpt_widgets.layouts.orbax_v1_training import OrbaxV1TrainingLayout
+
+__all__ = ["LAYOUTS", "Layout", "Location", "ReadRequest", "StepInfo", "StoredLeaf", "locate"]
+
+# Order matters only where two could match: a PyTree folder first (it may hold a stray
+# _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of steps, v1 first
+# (it is told apart by its steps' handlers, else it reads as a v0 manager root).
+LAYOUTS: tuple[Layout, ...] = (
+    OrbaxV0Layout(),
+    OrbaxV1Layout(),
+    OrbaxV1TrainingLayout(),
+    OrbaxV0ManagerLayout(),
+)
+
+
+def locate(
+    path: str | os.PathLike[str], *, step: int | None = None, item: str | None = None
+) -> Location:
+    """Resolve ``path`` (plus ``step`` and ``item``) to one item's arrays.
+
+    Args:
+      path: a checkpoint folder in any supported layout, or a root of steps.
+      step: the step to pick under a root of steps; the latest restorable one by default.
+      item: the item (checkpointable) to pick when the checkpoint names several.
+
+    Raises:
+      CheckpointNotFoundError: nothing is at ``path``, or not the asked step or item.
+      UnknownLayoutError: files are there, in no layout this package knows.
+      IncompleteCheckpointError: the save at ``path`` (or of ``step``) was interrupted.
+      CorruptCheckpointError: a known layout, damaged.
+      ItemSelectionError: several items and ``item`` does not pick one.
+      InvalidArgumentError: ``step`` was given for a single checkpoint.
+    """
+    root = _storage.as_path(path)
+    listing = _storage.listdir(root)
+    if listing is None:
+        if not _storage.exists(root):
+            raise CheckpointNotFoundError(
+                f"No checkpoint at {root}: the path does not exist; check the spelling or the "
+                "working directory."
+            )
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
+            "wrote."
+        )
+    if TMP_MARKER in root.name:
+        raise IncompleteCheckpointError(
+            f"Checkpoint at {root} is incomplete: the save was interrupted (Orbax tmp folder); "
+            "save it again or pick a finished checkpoint."
+        )
+    for layout in LAYOUTS:
+        if layout.matches(listing):
+            return layout.locate(listing, step, item)
+    if not listing.names:
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {root}: the folder is empty; save a checkpoint there first."
+        )
+    raise UnknownLayoutError(
+        f"No checkpoint layout recognised at {root}: it holds {_found(listing)}; the supported "
+        "layouts are "
+        + ", ".join(f"{layout.name} ({layout.signature})" for layout in LAYOUTS)
+        + "; pass a folder in one of them."
+    )
+
+
+def _found(listing: _storage.Listing, limit: int = 5) -> str:
+    names = sorted(listing.files) + sorted(d + "/" for d in listing.dirs)
+    shown = ", ".join(clip(n, 40) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,20 @@
+"""Orbax v0 ``CheckpointManager`` root: one folder per step (``0/``, ``ckpt_10/``,
+``000010/``), each with one folder per item (``default/``, or ``model/`` and ``optimizer/``
+for a ``Composite``) and, when metrics were given, a JSON ``metrics`` item."""
+
+from __future__ import annotations
+
+from nnx_ckpt_widgets._storage import Listing
+from nnx_ckpt_widgets.layouts import _pytree, _steps
+from nnx_ckpt_widgets.layouts.base import Location
+
+
+class OrbaxV0ManagerLayout(_pytree.PyTreeReads):
+    name = "CheckpointManager root"
+    signature = "step folders such as 10/ or ckpt_10/"
+
+    def matches(self, listing: Listing) -> bool:
+        return _steps.has_steps(listing)
+
+    def locate(self, listing: Listing, step: int | None, item: str | None) -> Location:
+        return _steps.locate_root(self, listing, step, item)
