@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 LAB_PORT ?= 8888
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help lab test lint unit nbval browser bench bench-smoke chromium clean
+.PHONY: help lab test lint typecheck unit nbval browser bench bench-smoke chromium clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
@@ -31,11 +31,15 @@ lab: $(VENV)/.lab-installed
 	  --ServerApp.port_retries=50 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: $(VENV)/.test-installed chromium
-	$(MAKE) lint unit nbval browser bench-smoke
+	$(MAKE) lint typecheck unit nbval browser bench-smoke
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The package is type-checked at zero errors (settings in pyproject.toml's [tool.mypy]).
+typecheck: $(VENV)/.test-installed
+	$(BIN)/mypy
 
 unit: $(VENV)/.test-installed
 	$(PYTEST) tests -m "not browser"

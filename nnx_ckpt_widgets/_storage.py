@@ -67,7 +67,8 @@ def listdir(path: AnyPath) -> Listing | None:
     Raises:
       CheckpointNotFoundError: the folder exists but cannot be listed.
     """
-    files, dirs = set(), set()
+    files: set[str] = set()
+    dirs: set[str] = set()
     try:
         with os.scandir(path) as entries:
             for entry in entries:

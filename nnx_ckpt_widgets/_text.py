@@ -51,7 +51,7 @@ def clip(text: str, width: int = MAX_KEY) -> str:
     return text[:half] + "…" + text[-(width - 1 - half) :]
 
 
-def table(rows: list[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
+def table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
     """Align rows into columns; ``right`` lists the right-aligned column numbers."""
     right = set(right)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

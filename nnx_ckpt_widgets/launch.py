@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
@@ -99,8 +100,10 @@ def initialize() -> None:
     )
 
 
-def _print_and_exit(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
-    traceback.print_exception(exc_type, exc, tb)  # type: ignore[arg-type]
+def _print_and_exit(
+    exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    traceback.print_exception(exc_type, exc, tb)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

@@ -9,7 +9,7 @@ them.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nnx_ckpt_widgets import _keypaths
@@ -19,6 +19,7 @@ from nnx_ckpt_widgets._text import (
     clip,
     human_bytes,
     shape_text,
+    sizes_text,
     step_text,
     table,
     where,
@@ -76,9 +77,10 @@ def info_text(info: CheckpointInfo) -> str:
     """The summary table that ``str(inspect(path))`` prints."""
     lines = [
         f"Checkpoint {where(info.path, info.step, info.item, info.steps)}",
-        f"format {info.format}: {len(info.leaves)} arrays, {info.num_params:,} params, "
-        f"{human_bytes(info.nbytes)}",
+        f"{info_summary(info)}",
     ]
+    if info.custom_metadata:
+        lines.append(f"custom metadata: {custom_text(info.custom_metadata)}")
     if len(info.steps) > 1 or (info.steps and info.steps[0].metrics):
         lines.append("steps: " + ", ".join(step_text(s) for s in info.steps))
     if len(info.items) > 1:
@@ -102,13 +104,35 @@ def info_text(info: CheckpointInfo) -> str:
     return "\n".join(lines)
 
 
+def info_summary(info: CheckpointInfo) -> str:
+    """``Orbax v1 checkpoint, nnx.State: 4 arrays, 26 params, 104 B``."""
+    sizes = sizes_text(len(info.leaves), info.num_params, info.nbytes)
+    kind = f"{info.layout}, " if info.layout else ""
+    return f"{kind}{info.format}: {sizes}"
+
+
+def custom_text(metadata: Mapping[str, object], width: int = 200) -> str:
+    """``n=3, note='hi'``: custom metadata, sorted, each value as JSON, clipped."""
+    import json
+
+    parts = []
+    for key in sorted(metadata, key=str):
+        try:
+            value = json.dumps(metadata[key], sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):
+            value = repr(metadata[key])
+        parts.append(f"{clip(str(key), 24)}={clip(value, 60)}")
+    return clip(", ".join(parts), width)
+
+
 def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
     """A compact, escaped HTML tree of a checkpoint: subtrees fold, repeated layers fold."""
     header = (
         f"<b>{esc(where(info.path, info.step, info.item, info.steps))}</b><br>"
-        f"{esc(info.format)}: {len(info.leaves):,} arrays, {info.num_params:,} params, "
-        f"{esc(human_bytes(info.nbytes))}"
+        f"{esc(info_summary(info))}"
     )
+    if info.custom_metadata:
+        header += f"<br>custom metadata: {esc(custom_text(info.custom_metadata))}"
     body = _tree_html(info, (), children(info.leaves), max_children, depth=0)
     return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
 
@@ -156,8 +180,8 @@ def _report_groups(entries: Iterable[KeyStatus]) -> list[tuple[str, list[KeyStat
 def report_text(report: LoadReport) -> str:
     """The load-report table that ``str(compare(...))`` prints."""
     counts = report.counts
-    rows = [("status", "key", "detail")]
     with_action = report.restored_arrays is not None
+    rows: list[Sequence[str]] = [("status", "key", "detail")]
     if with_action:
         rows = [("status", "key", "detail", "action")]
     for pattern, group in _report_groups(report.entries):
@@ -167,7 +191,7 @@ def report_text(report: LoadReport) -> str:
             row[2] += f" (from {clip(first.source, 40)})"
         if with_action:
             row.append(first.action or "")
-        rows.append(tuple(row))
+        rows.append(row)
     lines = [f"Load report for {where(report.path, report.step, report.item)} ({report.format})"]
     lines.extend(table(rows))
     lines.append(", ".join(f"{n} {status}" for status, n in counts.items()))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from nnx_ckpt_widgets._storage import Listing
 from nnx_ckpt_widgets.errors import CorruptCheckpointError
 from nnx_ckpt_widgets.layouts import _pytree, _steps
-from nnx_ckpt_widgets.layouts.base import Location
+from nnx_ckpt_widgets.layouts.base import Location, StepInfo
 
 STEP_FOLDER = "step folder"
 
@@ -38,12 +38,13 @@ class OrbaxV1Layout(_pytree.PyTreeReads):
         number = None if marked else _steps.step_number(listing.path.name)
         if step is not None and step != number:
             _steps.no_step_here(listing.path, step)
+        steps: tuple[StepInfo, ...] = ()
         if number is not None:
             info, _ = _steps.read_step(listing, number, metadata)
             items, steps = info.items, (info,)
         else:
             _steps.check_committed(listing, metadata)
-            items, steps = _steps.items_of(listing, metadata), ()
+            items = _steps.items_of(listing, metadata)
         kind = self.name
         if number is not None:
             api = "training.Checkpointer" if _steps.uses_v1(metadata) else "CheckpointManager"
