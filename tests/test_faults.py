@@ -29,6 +29,11 @@ case  damage                                      inspect  compare  restore  CLI
 11b   a manager root whose only save is a tmp     I        I        I        1    I
 12    a checkpoint of another model               ok       ok (*)   M        0    failed
 13    manager root, one broken step (see below)   per step
+14a   v1: the ``state/`` checkpointable is gone    C        C        C        1    C
+14b   v1: ``state/_METADATA`` truncated            C        C        C        1    C
+14c   v1: no commit marker, no commit time         I        I        I        1    I
+14d   v1: an interrupted ``ocp.v1.save`` (tmp)     I        I        I        1    I
+15    a folder in no known layout                 U        U        U        1    U
 ====  ==========================================  =======  =======  =======  ===  =======
 
 (*) the report lists the mismatches; the browser shows it. Case 8 truncates the root manifest:
@@ -38,6 +43,11 @@ a garbage ``_CHECKPOINT_METADATA`` makes step 1 not offered (C when asked for, a
 steps give I); a garbage item ``_METADATA`` gives C for that step only, and the browser stays on
 its step and says why; random array bytes give C at restore (``Restore failed: ...``); garbage
 metrics leave the step offered, without metrics. The good steps restore exactly throughout.
+Cases 14 are made from an ``ocp.v1.save`` checkpoint of the same model; a v1 checkpoint that
+lost only ``commit_success.txt`` but keeps its commit time is finished, as Orbax's own loader
+says, and reads as such. U is ``UnknownLayoutError``: never "damaged" for files we do not know.
+A save killed mid-write, by v0's ``CheckpointManager`` and by v1's ``training.Checkpointer``,
+is never offered as a step.
 
 Overwrite safety, hostile names and trust, the rest of this suite, are in ``test_safety.py``.
 """
@@ -54,6 +64,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -70,6 +81,7 @@ from conftest import (
     snapshot,
 )
 from flax import nnx
+from orbax.checkpoint import v1
 
 import nnx_ckpt_widgets as ncw
 from nnx_ckpt_widgets import CheckpointBrowser
@@ -78,6 +90,7 @@ from nnx_ckpt_widgets.__main__ import main
 REPO = Path(__file__).resolve().parents[1]
 NOT_FOUND, CORRUPT = ncw.CheckpointNotFoundError, ncw.CorruptCheckpointError
 INCOMPLETE, MISMATCH = ncw.IncompleteCheckpointError, ncw.CheckpointMismatchError
+UNKNOWN = ncw.UnknownLayoutError
 
 
 def wide_mlp(seed: int = 1) -> MLP:
@@ -88,6 +101,13 @@ def wide_mlp(seed: int = 1) -> MLP:
 @pytest.fixture(scope="module")
 def wide_ckpt(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("faults") / "wide", nnx.state(wide_mlp(0)))
+
+
+@pytest.fixture(scope="module")
+def wide_v1_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "wide_v1"
+    v1.save(path, nnx.state(wide_mlp(0)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +164,21 @@ def damage(case: str, path: Path) -> Path:
         tmp = path.rename(path.parent / "c.orbax-checkpoint-tmp-1")
         (tmp / "commit_success.txt").unlink()
         return tmp
+    elif case == "14a-v1-checkpointable-gone":
+        shutil.rmtree(path / "state")
+    elif case == "14b-v1-metadata-truncated":
+        metadata = path / "state" / "_METADATA"
+        metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+    elif case == "14c-v1-no-commit":
+        _strip_commit(path)
+    elif case == "14d-v1-interrupted":
+        _strip_commit(path)
+        return path.rename(path.parent / "c.orbax-checkpoint-tmp-1796195476")
+    elif case == "15-unknown-layout":
+        shutil.rmtree(path)
+        path.mkdir()
+        (path / "weights.bin").write_bytes(b"\0" * 16)
+        (path / "notes").mkdir()
     elif case == "11b-root-with-only-a-tmp-step":
         (path.parent / "run" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
         path.rename(path.parent / "run" / "0.orbax-checkpoint-tmp-1" / "default")
@@ -170,15 +205,29 @@ CASES = {
     "11a-tmp-folder": (INCOMPLETE, INCOMPLETE, "interrupted"),
     "11b-root-with-only-a-tmp-step": (INCOMPLETE, INCOMPLETE, "interrupted"),
     "12-another-model": (None, MISMATCH, "does not fit"),
+    "14a-v1-checkpointable-gone": (CORRUPT, CORRUPT, "item 'state', named in _CHECKPOINT_"),
+    "14b-v1-metadata-truncated": (CORRUPT, CORRUPT, "_METADATA (tree metadata) is not valid"),
+    "14c-v1-no-commit": (INCOMPLETE, INCOMPLETE, "no commit marker"),
+    "14d-v1-interrupted": (INCOMPLETE, INCOMPLETE, "interrupted"),
+    "15-unknown-layout": (UNKNOWN, UNKNOWN, "weights.bin, notes/; the supported layouts are"),
 }
 
 
+def _strip_commit(path: Path) -> None:
+    """Remove both signs of a finished save: the commit marker and the commit time."""
+    (path / "commit_success.txt").unlink()
+    metadata = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+    del metadata["commit_timestamp_nsecs"]
+    (path / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+
+
 @pytest.fixture(params=sorted(CASES))
-def case(request, tmp_path, wide_ckpt, other_ckpt):
+def case(request, tmp_path, wide_ckpt, wide_v1_ckpt, other_ckpt):
     at_metadata, at_restore, words = CASES[request.param]
     if request.param == "12-another-model":
         return copy_checkpoint(other_ckpt, tmp_path / "c"), at_metadata, at_restore, words
-    path = damage(request.param, copy_checkpoint(wide_ckpt, tmp_path / "c"))
+    source = wide_v1_ckpt if "-v1-" in request.param else wide_ckpt
+    path = damage(request.param, copy_checkpoint(source, tmp_path / "c"))
     return path, at_metadata, at_restore, words
 
 
@@ -357,28 +406,42 @@ def test_broken_latest_step_names_it_and_other_steps_open(tmp_path, good_root):
 
 # --- a save killed half-way -------------------------------------------------------------------
 
-SAVER = """
+SAVER_HEAD = """
 import sys
 sys.path.insert(0, {tests!r})
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import v1
 from test_faults import wide_mlp
 
 root, last = sys.argv[1], int(sys.argv[2])
+# 256 MiB of random bits (zstd cannot shrink them), written in a background thread.
+bits = np.random.default_rng(0).integers(0, 2**32, (64, 1024, 1024), dtype=np.uint32)
+big = {{"w": jnp.asarray(bits)}}
+"""
+SAVERS = {
+    "v0": """
 with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=None)) as m:
     for step in range(last + 1):
         m.save(step, args=ocp.args.StandardSave(nnx.state(wide_mlp(step))))
     m.wait_until_finished()
-    # 256 MiB of random bits (zstd cannot shrink them), written in a background thread.
-    bits = np.random.default_rng(0).integers(0, 2**32, (64, 1024, 1024), dtype=np.uint32)
-    big = {{"w": jnp.asarray(bits)}}
     m.save(last + 1, args=ocp.args.StandardSave(big))
     print("saving", flush=True)  # save() returned: the tmp folder exists, the write runs
     m.wait_until_finished()
     print("finished", flush=True)
-"""
+""",
+    "v1": """
+with v1.training.Checkpointer(root) as checkpointer:
+    for step in range(last + 1):
+        checkpointer.save(step, nnx.state(wide_mlp(step)), metrics={{"loss": 1.0}})
+    response = checkpointer.save_async(last + 1, big)
+    print("saving", flush=True)  # save_async() returned: the write runs in the background
+    response.result()
+    print("finished", flush=True)
+""",
+}
 
 
 def _tmp_bytes(root: Path, step: int) -> int:
@@ -390,10 +453,11 @@ def _tmp_bytes(root: Path, step: int) -> int:
         return -1
 
 
-def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
+@pytest.mark.parametrize("api", sorted(SAVERS))
+def test_save_killed_mid_write_is_never_offered(tmp_path, capfd, api):
     root, last = tmp_path / "run", 2
     script = tmp_path / "saver.py"
-    script.write_text(SAVER.format(tests=str(Path(__file__).parent)))
+    script.write_text((SAVER_HEAD + SAVERS[api]).format(tests=str(Path(__file__).parent)))
     child = subprocess.Popen(
         [sys.executable, str(script), str(root), str(last)],
         stdout=subprocess.PIPE,
@@ -417,10 +481,14 @@ def test_save_killed_mid_write_is_never_offered(tmp_path, capfd):
 
     info = ncw.inspect(root)
     assert [s.step for s in info.steps] == list(range(last + 1)) and info.step == last
+    layout = "training.Checkpointer root" if api == "v1" else "CheckpointManager root"
+    assert info.layout == layout
     for step in range(last + 1):
         assert_restores_exactly(root, step)
     assert main(["inspect", str(root)]) == 0
-    assert f"steps: {', '.join(map(str, range(last + 1)))}\n" in capfd.readouterr().out
+    kept = " (loss=1)" if api == "v1" else ""  # the v1 saver keeps a metric per step
+    steps_line = ", ".join(f"{step}{kept}" for step in range(last + 1))
+    assert f"steps: {steps_line}\n" in capfd.readouterr().out
     assert main(["inspect", str(root), "--step", str(last + 1)]) == 1
     assert "interrupted" in capfd.readouterr().err
     browser = CheckpointBrowser(root, wide_mlp(99))
@@ -449,5 +517,22 @@ def test_garbage_array_metadatas_fail_with_a_named_reason(tmp_path, failing_orba
     assert "\n" not in message and str(path) in message
     # The reason is never a bare token such as "0": it names at least the error's type.
     reason = message.split("could not be read: ", 1)[-1].split(";")[0]
-    assert " " in reason or not reason, message
+    assert reason and " " in reason, message
     assert_same_arrays(before, model)
+
+
+def test_v1_without_commit_marker_but_with_commit_time_is_finished(tmp_path, wide_v1_ckpt):
+    """Orbax's own v1 loader reads such a checkpoint: it is not damaged, and not unfinished."""
+    path = copy_checkpoint(wide_v1_ckpt, tmp_path / "c")
+    (path / "commit_success.txt").unlink()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.state(nnx.eval_shape(wide_mlp)),
+    )
+    reference = v1.load(path, abstract)
+    assert ncw.inspect(path).layout == "Orbax v1 checkpoint"
+    target = wide_mlp()
+    ncw.restore(path, target)
+    assert_same_arrays(wide_mlp(0), target)
+    assert_same_arrays(snapshot(reference), target)
