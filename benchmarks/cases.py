@@ -71,8 +71,21 @@ def big_checkpoint(tmp: Path, size: Size) -> Path:
     return _cache["big"]
 
 
+def big_v1_checkpoint(tmp: Path, size: Size) -> Path:
+    """The same arrays as :func:`big_checkpoint`, saved with Orbax v1's ``ocp.v1.save``."""
+    if "big_v1" not in _cache:
+        from flax import nnx
+        from orbax.checkpoint import v1
+
+        model_cls, names = _big_model(size)
+        path = tmp / "big_v1"
+        v1.save(path, nnx.state(model_cls(names, 0)))
+        _cache["big_v1"] = path
+    return _cache["big_v1"]
+
+
 def case_inspect_big(tmp: Path, size: Size) -> list[Result]:
-    """inspect on a 1 GiB checkpoint vs a full bare restore."""
+    """inspect on a 1 GiB checkpoint vs a full bare restore (v0 and v1)."""
     import orbax.checkpoint as ocp
 
     import nnx_ckpt_widgets as nw
@@ -87,7 +100,17 @@ def case_inspect_big(tmp: Path, size: Size) -> list[Result]:
         lambda: nw.inspect(path), lambda: checkpointer.restore(path, abstract), size.repeats
     )
     gib = size.arrays * size.side**2 * 4 / 2**30
-    return [Result(1, f"inspect, {gib:.3g} GiB checkpoint", ours, ref, target=0.02)]
+    from orbax.checkpoint import v1
+
+    path_v1 = big_v1_checkpoint(tmp, size)
+    assert nw.inspect(path_v1).nbytes == info.nbytes
+    ours_v1, ref_v1 = alternate(
+        lambda: nw.inspect(path_v1), lambda: v1.load(path_v1, abstract), size.repeats
+    )
+    return [
+        Result(1, f"inspect, {gib:.3g} GiB checkpoint", ours, ref, target=0.02),
+        Result(1, f"inspect, {gib:.3g} GiB, v1 (vs ocp.v1.load)", ours_v1, ref_v1, target=0.02),
+    ]
 
 
 def case_restore(tmp: Path, size: Size) -> list[Result]:
@@ -131,12 +154,15 @@ def many_leaf_checkpoint(tmp: Path, size: Size) -> Path:
     if "many" not in _cache:
         import orbax.checkpoint as ocp
 
-        blocks = {str(i): {"bias": np.full((2,), i, np.float32)} for i in range(size.leaves)}
         path = tmp / "many"
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(path, {"blocks": blocks})
+            checkpointer.save(path, _many_leaf_tree(size))
         _cache["many"] = path
     return _cache["many"]
+
+
+def _many_leaf_tree(size: Size) -> dict:
+    return {"blocks": {str(i): {"bias": np.full((2,), i, np.float32)} for i in range(size.leaves)}}
 
 
 def case_inspect_many(tmp: Path, size: Size) -> list[Result]:
@@ -151,7 +177,62 @@ def case_inspect_many(tmp: Path, size: Size) -> list[Result]:
     ours, ref = alternate(
         lambda: nw.inspect(path), lambda: checkpointer.metadata(path), size.repeats
     )
-    return [Result(4, f"inspect, {size.leaves:,} leaves", ours, ref, target=0.2)]
+    from orbax.checkpoint import v1
+
+    path_v1 = tmp / "many_v1"
+    if not path_v1.exists():
+        v1.save(path_v1, _many_leaf_tree(size))
+    assert len(nw.inspect(path_v1)) == size.leaves
+    ours_v1, ref_v1 = alternate(
+        lambda: nw.inspect(path_v1), lambda: v1.metadata(path_v1), size.repeats
+    )
+    return [
+        Result(4, f"inspect, {size.leaves:,} leaves", ours, ref, target=0.2),
+        Result(
+            4,
+            f"inspect, {size.leaves:,} leaves, v1 (vs ocp.v1.metadata)",
+            ours_v1,
+            ref_v1,
+            target=0.2,
+        ),
+    ]
+
+
+def case_v1_restore_path(tmp: Path, size: Size) -> list[Result]:
+    """How restore reads a v1 checkpoint: Orbax's v0 PyTree handler on its ``state/`` folder
+    (what the package does) vs ``ocp.v1.load``, full and partial (``PLACEHOLDER``)."""
+    import jax
+    from flax import nnx
+    from orbax.checkpoint import v1
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_v1_checkpoint(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    model = model_cls(names, 1)
+    small = model_cls(names[:2], 1)
+
+    def v1_full():
+        nnx.update(model, v1.load(path, abstract))
+
+    ours_full, ref_full = alternate(lambda: nw.restore(path, model), v1_full, size.repeats)
+    partial = jax.tree.map(lambda _: v1.PLACEHOLDER, abstract)
+    for name in names[:2]:
+        partial[name] = abstract[name]
+
+    def v1_partial():
+        v1.load(path, partial)
+
+    ours_part, ref_part = alternate(
+        lambda: nw.restore(path, small, strict=False), v1_partial, size.repeats
+    )
+    expected = model_cls(names[:1], 0)
+    np.testing.assert_array_equal(small.w00[...], expected.w00[...])
+    return [
+        Result(10, "restore v1, full: ours vs ocp.v1.load", ours_full, ref_full, target=1.10),
+        Result(10, "restore v1, 2 of 16: ours vs v1 PLACEHOLDER", ours_part, ref_part, target=1.10),
+    ]
 
 
 def case_browser(tmp: Path, size: Size) -> list[Result]:
@@ -342,4 +423,5 @@ ALL = [
     (7, case_import),
     (8, case_orbax_vs_numpy),
     (9, case_notebooks),
+    (10, case_v1_restore_path),
 ]
