@@ -30,6 +30,7 @@ class Listing:
     path: AnyPath
     files: frozenset[str]
     dirs: frozenset[str]
+    is_file: bool = False  # the path is a file (a .safetensors file, say), not a folder
 
     @property
     def names(self) -> frozenset[str]:
@@ -117,3 +118,15 @@ def read_json(file: AnyPath, what: str) -> Any:
             f"Checkpoint at {file.parent} is damaged: {file.name} ({what}) is not valid JSON; "
             "restore it from a copy or save it again."
         ) from err
+
+
+def size(path: AnyPath) -> int:
+    """A file's size in bytes (raises ``OSError``)."""
+    return os.path.getsize(path)
+
+
+def read_range(path: AnyPath, offset: int, length: int) -> bytes:
+    """Read ``length`` bytes at ``offset`` of a file, or fewer at its end (raises ``OSError``)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
@@ -66,6 +66,8 @@ class KeyStatus:
       source: the checkpoint's own key when ``rename`` changed it.
       action: after a restore, what was done: ``restored``, ``cast``, ``kept``, ``zeros`` or
         ``ignored``.
+      transformed: a ``transform`` function applies to this key; ``checkpoint`` then holds
+        the shape and dtype it gives, and ``stored`` the array as stored.
     """
 
     path: str
@@ -76,6 +78,10 @@ class KeyStatus:
     source: str | None = None
     action: Action | None = None
     transformed: bool = False
+    stored: LeafInfo | None = None
+    transforms: tuple[Callable[[Any], Any], ...] = dataclasses.field(
+        default=(), repr=False, compare=False
+    )
 
     @property
     def detail(self) -> str:
@@ -84,15 +90,25 @@ class KeyStatus:
             return f"model {shape_text(self.target_shape)} {self.target_dtype}"
         if self.status == "shape mismatch":
             model = shape_text(self.target_shape)
-            return f"checkpoint {shape_text(ckpt.shape)} vs model {model}"
-        if self.status == "dtype mismatch":
-            return f"checkpoint {ckpt.dtype} vs model {self.target_dtype}"
-        return f"{shape_text(ckpt.shape)} {ckpt.dtype}"
+            text = f"checkpoint {shape_text(ckpt.shape)} vs model {model}"
+        elif self.status == "dtype mismatch":
+            text = f"checkpoint {ckpt.dtype} vs model {self.target_dtype}"
+        else:
+            text = f"{shape_text(ckpt.shape)} {ckpt.dtype}"
+        if self.stored is not None:
+            text += f", transformed from {shape_text(self.stored.shape)} {self.stored.dtype}"
+        return text
+
+    @property
+    def read_leaf(self) -> LeafInfo | None:
+        """The checkpoint's array as stored: what a restore reads for this key."""
+        return self.stored if self.stored is not None else self.checkpoint
 
     @property
     def nbytes(self) -> int:
         """Bytes a restore reads for this key (0 unless the checkpoint holds it)."""
-        return self.checkpoint.nbytes if self.checkpoint is not None else 0
+        leaf = self.read_leaf
+        return leaf.nbytes if leaf is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,31 +347,109 @@ def apply_rename(
     return out
 
 
+Transform = Callable[[Any], Any]
+
+
+def apply_transform(
+    ckpt: Mapping[KeyPath, tuple[LeafInfo, str | None]],
+    transform: Mapping[str, Transform] | None,
+) -> dict[KeyPath, tuple[LeafInfo, tuple[Transform, ...]]]:
+    """For each key (after ``rename``), the functions of every ``transform`` pattern that
+    matches it, in order, and the leaf they give: its shape and dtype from ``jax.eval_shape``,
+    so the report is right before any byte is read.
+
+    Raises:
+      InvalidArgumentError: a pattern is not a valid regex, a value is not callable, or a
+        function cannot take the array it is given.
+    """
+    if not transform:
+        return {}
+    try:
+        rules = [(re.compile(pattern), fn) for pattern, fn in transform.items()]
+    except re.error as err:
+        raise InvalidArgumentError(
+            f"transform pattern {err.pattern!r} is not a valid regular expression: {err.msg}."
+        ) from err
+    for pattern, fn in transform.items():
+        if not callable(fn):
+            raise InvalidArgumentError(
+                f"transform[{pattern!r}] must be a function of one array, got {type(fn).__name__}."
+            )
+    import jax
+
+    out: dict[KeyPath, tuple[LeafInfo, tuple[Transform, ...]]] = {}
+    for path, (leaf, _) in ckpt.items():
+        name = _keypaths.join(path)
+        fns = tuple(fn for rule, fn in rules if rule.search(name))
+        if not fns:
+            continue
+        try:
+            value: Any = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            for fn in fns:
+                value = jax.eval_shape(fn, value)
+            shape, dtype = tuple(value.shape), str(value.dtype)
+        except Exception as err:  # the user's function: any error, on one line
+            raise InvalidArgumentError(
+                f"transform of {name!r} failed on a {leaf.dtype}{shape_text(leaf.shape)} array "
+                f"({type(err).__name__}: {clip(str(err).splitlines()[0] if str(err) else '', 120)})"
+                "; fix the function or narrow its pattern."
+            ) from err
+        out[path] = (dataclasses.replace(leaf, shape=shape, dtype=dtype), fns)
+    return out
+
+
 def build_report(
     info: CheckpointInfo,
     target_leaves: list[TargetLeaf],
     rename: Mapping[str, str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
 ) -> LoadReport:
-    """Classify every key of the checkpoint and the target."""
+    """Classify every key of the checkpoint and the target (after ``rename``, then
+    ``transform``)."""
     ckpt = apply_rename(info.leaves, rename)
+    transformed = apply_transform(ckpt, transform)
     entries = []
     for t in target_leaves:
         name = _keypaths.join(t.path)
         if t.path not in ckpt:
             entries.append(KeyStatus(name, "missing", None, t.shape, t.dtype))
             continue
-        leaf, source = ckpt[t.path]
+        stored, source = ckpt[t.path]
+        leaf, fns = transformed.get(t.path, (stored, ()))
         if leaf.shape != t.shape:
             status: Status = "shape mismatch"
         elif leaf.dtype != t.dtype:
             status = "dtype mismatch"
         else:
             status = "matched"
-        entries.append(KeyStatus(name, status, leaf, t.shape, t.dtype, source))
+        entries.append(
+            KeyStatus(
+                name,
+                status,
+                leaf,
+                t.shape,
+                t.dtype,
+                source,
+                transformed=bool(fns),
+                stored=stored if fns else None,
+                transforms=fns,
+            )
+        )
     target_paths = {t.path for t in target_leaves}
-    for path, (leaf, source) in ckpt.items():
+    for path, (stored, source) in ckpt.items():
         if path not in target_paths:
-            entries.append(KeyStatus(_keypaths.join(path), "unexpected", leaf, source=source))
+            leaf, fns = transformed.get(path, (stored, ()))
+            entries.append(
+                KeyStatus(
+                    _keypaths.join(path),
+                    "unexpected",
+                    leaf,
+                    source=source,
+                    transformed=bool(fns),
+                    stored=stored if fns else None,
+                    transforms=fns,
+                )
+            )
     return LoadReport(
         path=str(info.path),
         format=info.format,
@@ -373,6 +467,7 @@ def compare(
     step: int | None = None,
     item: str | None = None,
     rename: Mapping[str, str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
 ) -> LoadReport:
     """Compare a checkpoint's keys, shapes and dtypes with a target's, from metadata only.
 
@@ -383,6 +478,10 @@ def compare(
       step: under a manager root, the step to compare; the latest by default.
       item: the item to compare when the step holds several.
       rename: regex -> replacement, applied in order to checkpoint keys spelled ``a/b/c``.
+      transform: regex -> function of one array, for checkpoint keys (after ``rename``) whose
+        array needs changing on load: ``{r"proj/kernel$": lambda w: w.T}`` turns a PyTorch
+        ``[out, in]`` weight into an NNX ``[in, out]`` kernel. Every matching pattern
+        applies, in order. Shapes and dtypes come from ``jax.eval_shape``: no byte is read.
 
     Returns:
       A :class:`LoadReport`; ``report.ok`` is True when a strict restore will succeed.
@@ -391,7 +490,7 @@ def compare(
       CheckpointError: the checkpoint cannot be read, or ``target`` is not NNX state.
     """
     info = inspect(path, step=step, item=item)
-    return build_report(info, flatten_target(target), rename)
+    return build_report(info, flatten_target(target), rename, transform)
 
 
 def mismatch_error(report: LoadReport, why: str) -> CheckpointMismatchError:

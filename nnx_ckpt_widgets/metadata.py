@@ -79,7 +79,9 @@ class CheckpointInfo:
       steps: the restorable steps of a root, ascending, with their metrics.
       items: the items of the step or checkpoint.
       layout: what was found on disk, e.g. ``Orbax v1 checkpoint``.
-      custom_metadata: what the saver passed as ``custom_metadata=``.
+      custom_metadata: what the saver passed as ``custom_metadata=``; for safetensors, the
+        files' ``__metadata__``.
+      config: a Hugging Face ``config.json`` found beside safetensors weights.
       location: where the arrays live, for :func:`restore` to read them without looking
         the checkpoint up again.
     """
@@ -94,6 +96,7 @@ class CheckpointInfo:
     items: tuple[str, ...] = ()
     layout: str = ""
     custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config: Mapping[str, Any] | None = None
     location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -200,6 +203,7 @@ def info_from_location(location: Location) -> CheckpointInfo:
         items=location.items,
         layout=location.kind,
         custom_metadata=location.custom_metadata,
+        config=location.config,
         location=location,
     )
 

@@ -81,6 +81,8 @@ def info_text(info: CheckpointInfo) -> str:
     ]
     if info.custom_metadata:
         lines.append(f"custom metadata: {custom_text(info.custom_metadata)}")
+    if info.config:
+        lines.append(f"config.json: {custom_text(info.config)}")
     if len(info.steps) > 1 or (info.steps and info.steps[0].metrics):
         lines.append("steps: " + ", ".join(step_text(s) for s in info.steps))
     if len(info.items) > 1:
@@ -133,6 +135,8 @@ def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
     )
     if info.custom_metadata:
         header += f"<br>custom metadata: {esc(custom_text(info.custom_metadata))}"
+    if info.config:
+        header += f"<br>config.json: {esc(custom_text(info.config))}"
     body = _tree_html(info, (), children(info.leaves), max_children, depth=0)
     return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
 
@@ -177,9 +181,14 @@ def _report_groups(entries: Iterable[KeyStatus]) -> list[tuple[str, list[KeyStat
     return rows
 
 
+def _counts_line(report: LoadReport) -> str:
+    line = ", ".join(f"{n} {status}" for status, n in report.counts.items())
+    transformed = sum(e.transformed for e in report.entries)
+    return line + (f"; {transformed} transformed" if transformed else "")
+
+
 def report_text(report: LoadReport) -> str:
     """The load-report table that ``str(compare(...))`` prints."""
-    counts = report.counts
     with_action = report.restored_arrays is not None
     rows: list[Sequence[str]] = [("status", "key", "detail")]
     if with_action:
@@ -194,7 +203,7 @@ def report_text(report: LoadReport) -> str:
         rows.append(row)
     lines = [f"Load report for {where(report.path, report.step, report.item)} ({report.format})"]
     lines.extend(table(rows))
-    lines.append(", ".join(f"{n} {status}" for status, n in counts.items()))
+    lines.append(_counts_line(report))
     lines.append(report.advice)
     return "\n".join(lines)
 
@@ -216,7 +225,7 @@ def report_html(report: LoadReport) -> str:
             f"<tr><td style='color:{colour};font-weight:600'>{esc(first.status)}</td>"
             f"<td>{esc(pattern)}</td><td>{esc(detail)}</td>{action}</tr>"
         )
-    counts = ", ".join(f"{n} {esc(status)}" for status, n in report.counts.items())
+    counts = esc(_counts_line(report))
     return (
         f'<div class="nnx-ckpt-report" style="{BOX_STYLE}">'
         f"<b>Load report for {esc(where(report.path, report.step, report.item))}</b> "

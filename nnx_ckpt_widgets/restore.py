@@ -20,6 +20,7 @@ from nnx_ckpt_widgets.compare import (
     KeyStatus,
     LoadReport,
     TargetLeaf,
+    Transform,
     build_report,
     flatten_target,
     mismatch_error,
@@ -50,6 +51,7 @@ def restore(
     missing: MissingPolicy = "keep",
     unexpected: UnexpectedPolicy = "ignore",
     rename: Mapping[str, str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
 ) -> LoadReport:
@@ -69,6 +71,10 @@ def restore(
         raise on them (``"error"``).
       rename: regex -> replacement applied in order to checkpoint keys spelled ``a/b/c``
         before matching, e.g. ``{r"linear(\\d)": r"layer\\1"}``.
+      transform: regex -> function of one array, applied after ``rename`` to the keys it
+        matches, e.g. ``{r"proj/kernel$": lambda w: w.T}``; see :func:`compare`. The result
+        must have the target's shape (and dtype, unless ``cast``); transformed keys are
+        marked in the report.
       cast: allow casting arrays whose dtype differs from the target's; each cast is listed
         in the report.
       progress: called as ``progress(done_bytes, total_bytes)`` before the first read and
@@ -81,7 +87,8 @@ def restore(
       CheckpointMismatchError: the checkpoint does not fit and the options do not allow it.
       CheckpointError: another subclass when the checkpoint cannot be found or read.
     """
-    report = build_report(inspect(path, step=step, item=item), flatten_target(target), rename)
+    info = inspect(path, step=step, item=item)
+    report = build_report(info, flatten_target(target), rename, transform)
     return apply_report(
         report,
         target,
@@ -103,6 +110,7 @@ def load(
     missing: MissingPolicy = "keep",
     unexpected: UnexpectedPolicy = "ignore",
     rename: Mapping[str, str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
 ) -> Any:
@@ -116,7 +124,7 @@ def load(
       path: as for :func:`restore`.
       factory: a function of no arguments that returns the model, e.g.
         ``lambda: MLP(4, rngs=nnx.Rngs(0))``.
-      step, item, strict, missing, unexpected, rename, cast, progress: as for
+      step, item, strict, missing, unexpected, rename, transform, cast, progress: as for
         :func:`restore`.
 
     Returns:
@@ -140,7 +148,8 @@ def load(
 
         return jax.jit(init)()  # XLA drops the initialisers of every other array.
 
-    report = build_report(inspect(path, step=step, item=item), flatten_target(model), rename)
+    info = inspect(path, step=step, item=item)
+    report = build_report(info, flatten_target(model), rename, transform)
     _apply(report, model, strict, missing, unexpected, cast, progress, initial_values)
     return model
 
@@ -205,7 +214,12 @@ def _apply(
     _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing)
 
     to_read = report.to_read
-    arrays = read_arrays(info, [(_leaf_of(e), by_name[e.path]) for e in to_read], progress=progress)
+    arrays = read_arrays(
+        info,
+        [(_leaf_of(e), by_name[e.path]) for e in to_read],
+        progress=progress,
+        transforms=[e.transforms for e in to_read],
+    )
     updates: list[tuple[TargetLeaf, Any]] = []
     actions: dict[str, Any] = {}
     for entry, value in zip(to_read, arrays, strict=True):
@@ -241,8 +255,9 @@ def _apply(
 
 
 def _leaf_of(entry: KeyStatus) -> LeafInfo:
-    assert entry.checkpoint is not None, "a key to read has a checkpoint array"
-    return entry.checkpoint
+    leaf = entry.read_leaf
+    assert leaf is not None, "a key to read has a checkpoint array"
+    return leaf
 
 
 def _set_values(target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
@@ -324,10 +339,13 @@ def read_arrays(
     *,
     progress: Progress | None = None,
     batch_bytes: int = BATCH_BYTES,
+    transforms: Sequence[tuple[Transform, ...]] | None = None,
 ) -> list[Any]:
     """Read exactly the given checkpoint arrays, onto the targets' shardings and dtypes.
 
-    Reads go to the checkpoint's layout in batches of about ``batch_bytes``.
+    Reads go to the checkpoint's layout in batches of about ``batch_bytes``. An array with
+    ``transforms`` is read as stored onto the default device, passed through them, cast to
+    the target's dtype and only then placed on the target's sharding.
 
     Raises:
       CorruptCheckpointError: the data cannot be read, or comes back in another shape.
@@ -344,16 +362,17 @@ def read_arrays(
             f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
         )
     default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    fns = list(transforms) if transforms is not None else [()] * len(pairs)
     requests = []
-    for leaf, target in pairs:
+    for (leaf, target), chain in zip(pairs, fns, strict=True):
         # A key array's sharding describes the key, not its uint32 data: restore those locally.
         usable = target.key_impl is None and isinstance(target.sharding, jax.sharding.Sharding)
         requests.append(
             ReadRequest(
                 stored_path=leaf.stored_path,
                 shape=leaf.shape,
-                dtype=target.dtype,
-                sharding=target.sharding if usable else default_sharding,
+                dtype=leaf.dtype if chain else target.dtype,
+                sharding=target.sharding if usable and not chain else default_sharding,
                 scalar_type=target.scalar_type,
             )
         )
@@ -368,10 +387,12 @@ def read_arrays(
         if progress is not None:
             progress(done, total)
     out = []
-    for (leaf, target), value in zip(pairs, values, strict=True):
+    for (leaf, target), value, chain in zip(pairs, values, fns, strict=True):
         if target.scalar_type is not None:
             out.append(value)  # converted to the target's Python type when applied
             continue
+        if chain:
+            value = _transformed(info, leaf, target, value, chain)
         # Orbax hands typed PRNG keys back as keys already; check their data like any array.
         is_key = jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
         data = jax.random.key_data(value) if is_key else value
@@ -385,6 +406,28 @@ def read_arrays(
             value = jax.random.wrap_key_data(value, impl=target.key_impl)
         out.append(value)
     return out
+
+
+def _transformed(
+    info: CheckpointInfo, leaf: LeafInfo, target: TargetLeaf, value: Any, chain: tuple
+) -> Any:
+    """``value`` through the transform functions, in the target's dtype and on its sharding."""
+    import jax
+
+    try:
+        for fn in chain:
+            value = fn(value)
+    except Exception as err:  # the user's function: any error, on one line
+        raise InvalidArgumentError(
+            f"transform of {leaf.name!r} from {info.path} failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}); the target was left "
+            "unchanged, fix the function or narrow its pattern."
+        ) from err
+    if str(value.dtype) != target.dtype:
+        value = value.astype(target.dtype)  # allowed: the report said "dtype mismatch"
+    if isinstance(target.sharding, jax.sharding.Sharding) and target.key_impl is None:
+        value = jax.device_put(value, target.sharding)
+    return value
 
 
 def _batches(items: list, limit: int) -> list[list]:

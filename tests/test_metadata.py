@@ -236,7 +236,7 @@ def test_str_is_a_summary_table_that_folds_layers(ckpt_dir, mlp_state_ckpt):
     text = str(ncw.inspect(ckpt_dir / "kind_nnx_list"))
     assert "layers/{0..11}/kernel" in text
     assert "12 × (2, 2)" in text
-    assert "format nnx.State: 24 arrays, 72 params, 288 B" in text
+    assert "Orbax v0 checkpoint, nnx.State: 24 arrays, 72 params, 288 B" in text
     lines = str(ncw.inspect(mlp_state_ckpt)).splitlines()
     assert lines[0] == f"Checkpoint {mlp_state_ckpt}"
     header = next(line for line in lines if line.startswith("key"))

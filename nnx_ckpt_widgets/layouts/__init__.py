@@ -24,17 +24,20 @@ from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
 from nnx_ckpt_widgets.layouts.orbax_v0_manager import OrbaxV0ManagerLayout
 from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
 from nnx_ckpt_widgets.layouts.orbax_v1_training import OrbaxV1TrainingLayout
+from nnx_ckpt_widgets.layouts.safetensors import SafetensorsLayout
 
 __all__ = ["LAYOUTS", "Layout", "Location", "ReadRequest", "StepInfo", "StoredLeaf", "locate"]
 
 # Order matters only where two could match: a PyTree folder first (it may hold a stray
 # _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of steps, v1 first
-# (it is told apart by its steps' handlers, else it reads as a v0 manager root).
+# (it is told apart by its steps' handlers, else it reads as a v0 manager root); a folder of
+# safetensors files last. Only safetensors matches a file.
 LAYOUTS: tuple[Layout, ...] = (
     OrbaxV0Layout(),
     OrbaxV1Layout(),
     OrbaxV1TrainingLayout(),
     OrbaxV0ManagerLayout(),
+    SafetensorsLayout(),
 )
 
 
@@ -64,9 +67,13 @@ def locate(
                 f"No checkpoint at {root}: the path does not exist; check the spelling or the "
                 "working directory."
             )
+        listing = _storage.Listing(root, frozenset(), frozenset(), is_file=True)
+        for layout in LAYOUTS:
+            if layout.matches(listing):
+                return layout.locate(listing, step, item)
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
-            "wrote."
+            "wrote, or a .safetensors file."
         )
     if TMP_MARKER in root.name:
         raise IncompleteCheckpointError(

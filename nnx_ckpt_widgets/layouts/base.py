@@ -76,7 +76,10 @@ class Location:
       item: the chosen item (checkpointable), when the checkpoint names its items.
       steps: the restorable steps of a root, ascending; empty otherwise.
       items: the items of the chosen step or checkpoint.
-      custom_metadata: what the saver passed as ``custom_metadata=``.
+      custom_metadata: what the saver passed as ``custom_metadata=`` (a safetensors
+        file's ``__metadata__``).
+      config: a model's ``config.json`` found beside its weights.
+      layout_data: what the layout read while locating and needs again (never shown).
     """
 
     path: AnyPath
@@ -88,6 +91,8 @@ class Location:
     steps: tuple[StepInfo, ...] = ()
     items: tuple[str, ...] = ()
     custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config: Mapping[str, Any] | None = None
+    layout_data: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Layout(Protocol):

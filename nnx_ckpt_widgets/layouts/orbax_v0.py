@@ -14,6 +14,8 @@ class OrbaxV0Layout(_pytree.PyTreeReads):
     signature = "_METADATA, as StandardCheckpointer writes"
 
     def matches(self, listing: Listing) -> bool:
+        if listing.is_file:
+            return False
         return _pytree.is_pytree(listing.names)
 
     def locate(self, listing: Listing, step: int | None, item: str | None) -> Location:

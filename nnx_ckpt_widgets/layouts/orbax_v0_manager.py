@@ -14,6 +14,8 @@ class OrbaxV0ManagerLayout(_pytree.PyTreeReads):
     signature = "step folders such as 10/ or ckpt_10/"
 
     def matches(self, listing: Listing) -> bool:
+        if listing.is_file:
+            return False
         return _steps.has_steps(listing)
 
     def locate(self, listing: Listing, step: int | None, item: str | None) -> Location:

@@ -23,6 +23,8 @@ class OrbaxV1Layout(_pytree.PyTreeReads):
     signature = "an orbax.checkpoint marker, as ocp.v1.save writes"
 
     def matches(self, listing: Listing) -> bool:
+        if listing.is_file:
+            return False
         if _steps.V1_MARKER in listing.files:
             return True
         return _steps.STEP_METADATA in listing.files and not _pytree.is_pytree(listing.names)

@@ -16,6 +16,8 @@ class OrbaxV1TrainingLayout(_pytree.PyTreeReads):
     signature = "step folders of Orbax v1 items"
 
     def matches(self, listing: Listing) -> bool:
+        if listing.is_file:
+            return False
         return _steps.has_steps(listing) and _steps.uses_v1(_steps.newest_step_metadata(listing))
 
     def locate(self, listing: Listing, step: int | None, item: str | None) -> Location:

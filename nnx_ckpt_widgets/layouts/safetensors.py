@@ -1,0 +1,338 @@
+"""Hugging Face safetensors: one ``model.safetensors`` file, or a folder of shards
+``model-0000k-of-0000n.safetensors`` with their ``model.safetensors.index.json``.
+
+A file starts with an 8-byte little-endian header length N, then N bytes of JSON: for each
+tensor its dtype, shape and ``[begin, end)`` byte offsets into the data that follows, and an
+optional ``__metadata__`` map of strings. Whoever made the file controls every one of those
+numbers, so this module checks them all before anything trusts them: N against the file's
+size and a hard cap, the JSON's shape, each dtype, each shape against its byte count, every
+offset against the file's end, and overlaps between tensors. Only then are the arrays read.
+
+Reading is Orbax v1's ``SafetensorsLayout`` (through ``ocp.v1.load`` with a flat abstract
+target of the selected tensors). Measured against the ``safetensors`` package in
+``benchmarks/cases.py`` (case 11): Orbax reads exactly the byte ranges each target sharding
+needs, on local disks and buckets alike, and reads BF16 and F8 tensors, which
+``safetensors.numpy`` and ``safetensors.flax`` 0.8 refuse; its one gap is that it trusts the
+header it reads, which is why it only ever sees files validated here.
+
+Tensor names are PyTorch's dotted names; ``model.layers.0.mlp.up_proj.weight`` reads as the
+key path ``model/layers/0/mlp/up_proj/weight``, so it folds and renames like any other key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nnx_ckpt_widgets import _storage
+from nnx_ckpt_widgets._storage import AnyPath, Listing
+from nnx_ckpt_widgets._text import clip
+from nnx_ckpt_widgets.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    ItemSelectionError,
+)
+from nnx_ckpt_widgets.layouts import _steps
+from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StoredLeaf
+
+SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+CONFIG = "config.json"
+# The safetensors library refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER = 100_000_000
+# Safetensors dtype -> (numpy / ml_dtypes name, bytes per element).
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "U16": ("uint16", 2),
+    "I16": ("int16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "U32": ("uint32", 4),
+    "I32": ("int32", 4),
+    "F32": ("float32", 4),
+    "U64": ("uint64", 8),
+    "I64": ("int64", 8),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+}
+# What Orbax 0.12.8's reader can read (its _get_dtypes); the rest are shown, not read.
+READABLE = frozenset(DTYPES) - {"F8_E8M0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One tensor of one file, validated."""
+
+    name: str
+    file: AnyPath
+    dtype: str  # the safetensors spelling, e.g. BF16
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    file: AnyPath
+    tensors: tuple[Tensor, ...]
+    metadata: Mapping[str, str]
+
+
+def _damaged(file: AnyPath, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Safetensors file {file} is damaged: {why}; download or save it again."
+    )
+
+
+def read_header(file: AnyPath) -> Header:
+    """Read and validate the header of one safetensors file, without reading its data.
+
+    Raises:
+      CorruptCheckpointError: anything in the header that does not hold up.
+    """
+    try:
+        total = _storage.size(file)
+        if total < 8:
+            raise _damaged(file, f"it is {total} bytes long, too short for a header")
+        length = int.from_bytes(_storage.read_range(file, 0, 8), "little")
+        if length > min(MAX_HEADER, total - 8):
+            raise _damaged(
+                file,
+                f"its header claims {length:,} bytes but the file holds {total - 8:,} after "
+                f"the length (and a header may hold at most {MAX_HEADER:,})",
+            )
+        raw = _storage.read_range(file, 8, length)
+    except OSError as err:
+        raise CorruptCheckpointError(
+            f"Cannot read safetensors file {file}: {err.strerror or err}; check that it exists "
+            "and is readable."
+        ) from err
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise _damaged(file, "its header is not JSON") from err
+    if not isinstance(parsed, dict):
+        raise _damaged(file, "its header is not a JSON object")
+    data_size = total - 8 - length
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _damaged(file, "its __metadata__ is not a map of strings")
+    tensors = [_tensor(file, name, entry, data_size) for name, entry in parsed.items()]
+    spans = sorted((t.begin, t.end, t.name) for t in tensors if t.end > t.begin)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise _damaged(file, f"tensors {clip(first, 60)!r} and {clip(second, 60)!r} overlap")
+    return Header(file, tuple(tensors), dict(metadata))
+
+
+def _tensor(file: AnyPath, name: object, entry: object, data_size: int) -> Tensor:
+    if not isinstance(name, str) or not isinstance(entry, dict):
+        raise _damaged(file, f"its entry {clip(str(name), 60)!r} is not a tensor description")
+    shown = clip(name, 60)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _damaged(file, f"tensor {shown!r} has the unknown dtype {clip(str(dtype), 20)!r}")
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise _damaged(file, f"tensor {shown!r} has an invalid shape")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _damaged(file, f"tensor {shown!r} has invalid data_offsets")
+    begin, end = offsets
+    if end > data_size:
+        raise _damaged(
+            file,
+            f"tensor {shown!r} ends at byte {end:,} of the data but the file holds only "
+            f"{data_size:,} (a truncated download?)",
+        )
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise _damaged(
+            file,
+            f"tensor {shown!r} spans {end - begin:,} bytes but shape {tuple(shape)} of "
+            f"{dtype} needs {expected:,}",
+        )
+    return Tensor(name, file, dtype, tuple(shape), begin, end)
+
+
+def _index_shards(listing: Listing, index_name: str) -> list[str]:
+    """The shard files an index names, each checked to be in the folder."""
+    file = listing.path / index_name
+    index = _storage.read_json(file, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(
+            f"Safetensors index {file} is damaged: it has no weight_map of file names; "
+            "download or save it again."
+        )
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CorruptCheckpointError(
+                f"Safetensors index {file} is damaged: it names {clip(shard, 60)!r}, which is "
+                "not a file beside it; download or save it again."
+            )
+        if shard not in listing.files:
+            raise CorruptCheckpointError(
+                f"Safetensors index {file} names the shard {clip(shard, 60)!r}, which is "
+                "missing from the folder; download the missing shard."
+            )
+    return shards
+
+
+class SafetensorsLayout:
+    name = "safetensors"
+    signature = "a .safetensors file, or a folder of them with their index"
+
+    def matches(self, listing: Listing) -> bool:
+        if listing.is_file:
+            return listing.path.name.endswith(SUFFIX)
+        return any(f.endswith((SUFFIX, INDEX_SUFFIX)) for f in listing.files)
+
+    def locate(self, listing: Listing, step: int | None, item: str | None) -> Location:
+        _steps.no_step_here(listing.path, step)
+        if listing.is_file:
+            files: list[AnyPath] = [listing.path]
+            folder = listing.path.parent
+            config = None
+        else:
+            folder = listing.path
+            indexes = sorted(f for f in listing.files if f.endswith(INDEX_SUFFIX))
+            if len(indexes) > 1:
+                raise ItemSelectionError(
+                    f"Folder {folder} holds several safetensors indexes ({', '.join(indexes)}); "
+                    "pass the folder of one model, or one .safetensors file."
+                )
+            if indexes:
+                names = _index_shards(listing, indexes[0])
+            else:
+                names = sorted(f for f in listing.files if f.endswith(SUFFIX))
+                if len(names) > 1:
+                    raise ItemSelectionError(
+                        f"Folder {folder} holds several .safetensors files and no index "
+                        f"({clip(', '.join(names), 120)}); pass one file, or add the index."
+                    )
+            files = [folder / name for name in names]
+            config = folder / CONFIG if CONFIG in listing.files else None
+        if item is not None:
+            raise ItemSelectionError(
+                f"Safetensors checkpoint at {listing.path} has no named items; drop item=."
+            )
+        if config is None and listing.is_file:
+            sibling = _storage.listdir(folder)
+            config = folder / CONFIG if sibling is not None and CONFIG in sibling.files else None
+        model_config = None
+        if config is not None:
+            raw = _storage.read_json(config, "model config")
+            model_config = raw if isinstance(raw, dict) else None
+        # The headers are small and inspect needs them all: read and validate them once, here.
+        headers = tuple(read_header(file) for file in files)
+        metadata: dict[str, str] = {}
+        for header in headers:
+            metadata.update(header.metadata)
+        return Location(
+            path=listing.path,
+            layout=self,
+            kind=self.name + (f" ({len(files)} shards)" if len(files) > 1 else ""),
+            data=listing.path,
+            custom_metadata=metadata,
+            config=model_config,
+            layout_data=headers,
+        )
+
+    def headers(self, location: Location) -> tuple[Header, ...]:
+        headers = location.layout_data
+        assert isinstance(headers, tuple), "a safetensors Location carries its headers"
+        return headers
+
+    def leaves(self, location: Location) -> list[StoredLeaf]:
+        seen: dict[str, AnyPath] = {}
+        leaves = []
+        for header in self.headers(location):
+            for tensor in header.tensors:
+                if tensor.name in seen:
+                    raise CorruptCheckpointError(
+                        f"Safetensors checkpoint at {location.path} is damaged: tensor "
+                        f"{clip(tensor.name, 60)!r} is in both {seen[tensor.name]} and "
+                        f"{tensor.file}; download or save it again."
+                    )
+                seen[tensor.name] = tensor.file
+                leaves.append(
+                    StoredLeaf(
+                        stored_path=tuple(tensor.name.split(".")),
+                        shape=tensor.shape,
+                        dtype=DTYPES[tensor.dtype][0],
+                        sharding=None,
+                    )
+                )
+        return leaves
+
+    def read(self, location: Location, requests: Sequence[ReadRequest]) -> list[Any]:
+        if not requests:
+            return []
+        import jax
+        from orbax.checkpoint import v1
+
+        by_name = {t.name: t for h in self.headers(location) for t in h.tensors}
+        wanted: dict[str, dict[str, Any]] = {}
+        for request in requests:
+            name = ".".join(request.stored_path)
+            tensor = by_name[name]
+            if tensor.dtype not in READABLE:
+                raise InvalidArgumentError(
+                    f"Safetensors checkpoint at {location.path}: tensor {clip(name, 60)!r} is "
+                    f"{tensor.dtype}, which Orbax 0.12 cannot read yet; convert it to another "
+                    "dtype, or leave it out with strict=False."
+                )
+            stored = DTYPES[tensor.dtype][0]
+            # Read as stored, then cast: Orbax's safetensors reader does not convert dtypes.
+            abstract = jax.ShapeDtypeStruct(tensor.shape, stored, sharding=request.sharding)
+            wanted.setdefault(str(tensor.file), {})[name] = abstract
+        values: dict[str, Any] = {}
+        context = v1.Context()
+        context.checkpoint_layout = v1.options.CheckpointLayout.SAFETENSORS
+        try:
+            with context:
+                for file, target in wanted.items():
+                    values.update(v1.load(_file_path(file), target))
+        except CheckpointError:
+            raise
+        except Exception as err:  # Orbax raises ValueError, OSError, ... for damaged data
+            raise CorruptCheckpointError(
+                f"Safetensors checkpoint at {location.path} could not be read "
+                f"({clip(str(err), 200)}); the target was left unchanged, download or save it "
+                "again."
+            ) from err
+        out = []
+        for request in requests:
+            value = values[".".join(request.stored_path)]
+            if str(value.dtype) != request.dtype:
+                value = value.astype(request.dtype)
+            out.append(value)
+        return out
+
+
+def _file_path(file: str) -> Any:
+    from etils import epath
+
+    path = epath.Path(file)
+    return path if "://" in file else path.absolute()
