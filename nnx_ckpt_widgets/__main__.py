@@ -25,9 +25,16 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "how a checkpoint fits a model: the load report"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("path", help="checkpoint folder, CheckpointManager root or step folder")
-        sub.add_argument("--step", type=int, help="step under a manager root (default: latest)")
-        sub.add_argument("--item", help="item of the step, e.g. model")
+        sub.add_argument(
+            "path",
+            help="an Orbax checkpoint (v0 or v1), a root of steps, a step folder, or "
+            "safetensors (a file, or a folder of shards with their index)",
+        )
+        sub.add_argument("--step", type=int, help="step under a root of steps (default: latest)")
+        sub.add_argument("--item", help="item (checkpointable) to read, e.g. model")
+        sub.add_argument(
+            "--json", action="store_true", help="print JSON for scripts instead of a table"
+        )
         if name == "compare":
             sub.add_argument(
                 "--model",
@@ -52,6 +59,12 @@ def _load_factory(spec: str):
         ) from err
 
 
+def _json(data: object) -> str:
+    import json
+
+    return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -59,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            print(inspect(args.path, step=args.step, item=args.item))
+            info = inspect(args.path, step=args.step, item=args.item)
+            print(_json(info.as_dict()) if args.json else info)
         else:
             from flax import nnx
 
@@ -71,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"The model factory {args.model!r} failed ({type(err).__name__}: "
                     f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
-            print(compare(args.path, target, step=args.step, item=args.item))
+            report = compare(args.path, target, step=args.step, item=args.item)
+            print(_json(report.as_dict()) if args.json else report)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -19,6 +19,8 @@ __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
 Status = Literal["matched", "missing", "unexpected", "shape mismatch", "dtype mismatch"]
 Action = Literal["restored", "cast", "zeros", "kept", "ignored"]
 ACTIONS: tuple[Action, ...] = ("restored", "cast", "zeros", "kept", "ignored")
+# Top-level collections of a Flax Linen variables dict.
+LINEN_COLLECTIONS = ("params", "batch_stats", "cache", "intermediates")
 # The statuses whose arrays a restore reads from the checkpoint.
 READ_STATUSES: tuple[Status, ...] = ("matched", "dtype mismatch")
 STATUSES: tuple[Status, ...] = (
@@ -222,7 +224,69 @@ class LoadReport:
             )
         if self.dtype_mismatched:
             todo.append("allow dtype casts with cast=True")
-        return "To load it: " + "; ".join(todo) + "."
+        hint = self.linen_hint
+        return "To load it: " + "; ".join(todo) + "." + (f" {hint}" if hint else "")
+
+    @property
+    def linen_hint(self) -> str | None:
+        """For a Flax Linen checkpoint (collections ``params``, ``batch_stats``; modules
+        auto-named ``Dense_0``), how its names map to the model's, from the first unexpected
+        module whose arrays match a missing one's in names and shapes; None otherwise."""
+        unexpected = [e for e in self.entries if e.status == "unexpected"]
+        linen = [e for e in unexpected if e.path.split("/", 1)[0] in LINEN_COLLECTIONS]
+        if not linen:
+            return None
+        collections = sorted({e.path.split("/", 1)[0] for e in linen})
+        text = (
+            f"This looks like a Flax Linen checkpoint (collections {', '.join(collections)}, "
+            "modules named by class and number): map each module to the model's attribute "
+            "with rename=, one pattern per module"
+        )
+        missing = [e for e in self.entries if e.status == "missing"]
+        for entry in linen:
+            parts = entry.path.split("/")
+            if len(parts) < 3 or entry.checkpoint is None:
+                continue
+            prefix, leaf = "/".join(parts[:-1]), parts[-1]
+            for target in missing:
+                if target.path.endswith("/" + leaf) and target.target_shape == (
+                    entry.checkpoint.shape
+                ):
+                    goal = target.path[: -len(leaf) - 1]
+                    return f"{text}, e.g. {{r'^{clip(prefix, 40)}/': '{clip(goal, 40)}/'}}."
+        return text + "."
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (the CLI's ``--json``)."""
+
+        def leaf(entry: KeyStatus) -> dict[str, Any] | None:
+            ckpt = entry.checkpoint
+            if ckpt is None:
+                return None
+            return {"key": ckpt.name, "shape": list(ckpt.shape), "dtype": ckpt.dtype}
+
+        return {
+            "path": self.path,
+            "format": self.format,
+            "step": self.step,
+            "item": self.item,
+            "ok": self.ok,
+            "counts": self.counts,
+            "advice": self.advice,
+            "entries": [
+                {
+                    "key": e.path,
+                    "status": e.status,
+                    "checkpoint": leaf(e),
+                    "target_shape": list(e.target_shape) if e.target_shape is not None else None,
+                    "target_dtype": e.target_dtype,
+                    "source": e.source,
+                    "transformed": e.transformed,
+                    "action": e.action,
+                }
+                for e in self.entries
+            ],
+        }
 
     def summary(self) -> str:
         """One sentence listing the differences."""

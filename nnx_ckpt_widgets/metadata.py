@@ -140,6 +140,36 @@ class CheckpointInfo:
         pick = min if mode == "min" else max
         return pick(scored, key=lambda pair: pair[0])[1]
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (the CLI's ``--json``): paths as text, leaves as a list."""
+        return {
+            "path": str(self.path),
+            "layout": self.layout,
+            "format": self.format,
+            "step": self.step,
+            "item": self.item,
+            "steps": [
+                {"step": s.step, "items": list(s.items), "metrics": dict(s.metrics)}
+                for s in self.steps
+            ],
+            "items": list(self.items),
+            "custom_metadata": dict(self.custom_metadata),
+            "config": dict(self.config) if self.config is not None else None,
+            "arrays": len(self.leaves),
+            "params": self.num_params,
+            "bytes": self.nbytes,
+            "leaves": [
+                {
+                    "key": leaf.name,
+                    "shape": list(leaf.shape),
+                    "dtype": leaf.dtype,
+                    "bytes": leaf.nbytes,
+                    "sharding": leaf.sharding,
+                }
+                for leaf in self.leaves.values()
+            ],
+        }
+
     def subtree(self, prefix: KeyPath) -> dict[KeyPath, LeafInfo]:
         """The leaves under ``prefix``."""
         prefix = _keypaths.to_keypath(prefix)
