@@ -224,6 +224,7 @@ def test_every_dtype_round_trips_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(got.view(np.uint8), value.view(np.uint8), err_msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype:UserWarning")  # our Holder's zeros
 def test_64_bit_dtypes_are_read_and_cast_when_jax_is_32_bit(tmp_path):
     wide = {f"t_{code.lower()}": DTYPE_VALUES[code] for code in WIDE}
     path = tmp_path / "wide.safetensors"
@@ -250,7 +251,7 @@ def test_f8_e8m0_is_shown_and_refused_in_one_sentence(tmp_path):
     assert ncw.inspect(path).leaves[("scale",)].dtype == "float8_e8m0fnu"
     model = Holder({"scale": np.ones(4, ml_dtypes.float8_e8m0fnu), "w": np.ones(2, np.float32)})
     before = snapshot(model)
-    with pytest.raises(ncw.InvalidArgumentError, match="F8_E8M0, which Orbax 0.12 cannot"):
+    with pytest.raises(ncw.InvalidArgumentError, match=r"F8_E8M0, which Orbax 0\.12 cannot"):
         ncw.restore(path, model)
     assert_same_arrays(before, model)
 

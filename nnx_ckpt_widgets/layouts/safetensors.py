@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
