@@ -243,7 +243,8 @@ class LoadReport:
             "with rename=, one pattern per module"
         )
         missing = [e for e in self.entries if e.status == "missing"]
-        for entry in linen:
+        # Parameters first: they are what a reader expects to see mapped.
+        for entry in sorted(linen, key=lambda e: not e.path.startswith("params/")):
             parts = entry.path.split("/")
             if len(parts) < 3 or entry.checkpoint is None:
                 continue
