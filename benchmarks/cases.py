@@ -235,6 +235,102 @@ def case_v1_restore_path(tmp: Path, size: Size) -> list[Result]:
     ]
 
 
+def big_safetensors(tmp: Path, size: Size) -> Path:
+    """The arrays of :func:`big_checkpoint`, as one file written by the ``safetensors`` package."""
+    if "big_st" not in _cache:
+        from flax import nnx
+        from safetensors.numpy import save_file
+
+        model_cls, names = _big_model(size)
+        state = nnx.state(model_cls(names, 0))
+        path = tmp / "big.safetensors"
+        save_file({name: np.asarray(state[name][...]) for name in names}, path)
+        _cache["big_st"] = path
+    return _cache["big_st"]
+
+
+def case_safetensors(tmp: Path, size: Size) -> list[Result]:
+    """Safetensors: inspect vs a full restore; restore vs ``safetensors.numpy.load_file`` plus
+    ``nnx.update``; and the ``safetensors`` package's own lazy reader, the alternative to
+    Orbax v1's layout for the package's reads."""
+    import jax
+    from flax import nnx
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_safetensors(tmp, size)
+    model_cls, names = _big_model(size)
+    model = model_cls(names, 1)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    assert nw.inspect(path).nbytes == size.arrays * size.side**2 * 4
+
+    def ours():
+        nw.restore(path, model)
+
+    def update(arrays: dict) -> None:
+        state = nnx.state(model)
+        nnx.replace_by_pure_dict(state, arrays)
+        nnx.update(model, state)
+
+    def reference():
+        update(load_file(path))
+
+    def package_reader():
+        with safe_open(path, framework="numpy") as handle:
+            update({n: jax.device_put(handle.get_tensor(n), device) for n in names})
+
+    inspect_t, restore_t = alternate(lambda: nw.inspect(path), ours, size.repeats)
+    ours_t, ref_t = alternate(ours, reference, size.repeats)
+    _, package_t = alternate(ours, package_reader, size.repeats)
+    np.testing.assert_array_equal(model.w00[...], model_cls(names[:1], 0).w00[...])
+    mib = size.arrays * size.side**2 * 4 / 2**20
+    return [
+        Result(11, f"inspect safetensors, {mib:.0f} MiB", inspect_t, restore_t, target=0.05),
+        Result(11, "restore safetensors vs load_file + nnx.update", ours_t, ref_t, target=1.10),
+        Result(11, "restore safetensors vs safe_open + device_put", ours_t, package_t),
+    ]
+
+
+_RSS_ST_CODE = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+from flax import nnx
+from benchmarks.cases import Size, _big_model
+size = Size(**json.loads({size!r}))
+model_cls, names = _big_model(size)
+model = model_cls(names, 1)
+if {ours!r}:
+    import nnx_ckpt_widgets as nw
+    nw.restore({path!r}, model)
+else:
+    from safetensors.numpy import load_file
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, load_file({path!r}))
+    nnx.update(model, state)
+    del state
+jax.block_until_ready(model.w00[...])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def case_safetensors_rss(tmp: Path, size: Size) -> list[Result]:
+    """Peak RSS of a safetensors restore vs load_file + nnx.update, each in a fresh process."""
+    path = str(big_safetensors(tmp, size))
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for ours in (True, False) if i % 2 == 0 else (False, True):
+            code = _RSS_ST_CODE.format(repo=str(REPO), size=size_json, ours=ours, path=path)
+            peaks[ours].append(int(run_python(code).split()[-1]))
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    return [
+        Result(12, "peak RSS, safetensors restore", ours_kib / 1024, ref_kib / 1024, "MiB", 1.10)
+    ]
+
+
 def case_browser(tmp: Path, size: Size) -> list[Result]:
     """Building CheckpointBrowser vs treescope.render_to_html of the metadata tree."""
     import orbax.checkpoint as ocp
@@ -424,4 +520,6 @@ ALL = [
     (8, case_orbax_vs_numpy),
     (9, case_notebooks),
     (10, case_v1_restore_path),
+    (11, case_safetensors),
+    (12, case_safetensors_rss),
 ]
