@@ -230,7 +230,7 @@ def run(
     start = time.monotonic()
     timed_out = False
     running: list[int] = []
-    first_failed = 0
+    first_failed_process = 0
     try:
         for i in range(num_processes):
             proc = subprocess.Popen(
@@ -251,15 +251,15 @@ def run(
                 reader.start()
                 readers.append(reader)
 
-        first_failure: float | None = None
+        first_failure_time: float | None = None
         while any(proc.poll() is None for proc in procs):
             time.sleep(_POLL_SECONDS)
             now = time.monotonic()
-            if first_failure is None:
+            if first_failure_time is None:
                 failing = [i for i, proc in enumerate(procs) if proc.poll()]
                 if failing:
-                    first_failure, first_failed = now, failing[0]
-            if first_failure is not None and now - first_failure > _GRACE_SECONDS:
+                    first_failure_time, first_failed_process = now, failing[0]
+            if first_failure_time is not None and now - first_failure_time > _GRACE_SECONDS:
                 kill_running()
             elif timeout is not None and now - start > timeout and not timed_out:
                 timed_out = True
@@ -300,8 +300,8 @@ def run(
         "launch: "
         + "; ".join(f"process {i} exited with code {code}" for i, code in sorted(failed.items()))
         + (f"; stopped process(es) {', '.join(map(str, stopped))}" if stopped else "")
-        + f". Process {first_failed} failed first: its lines above, prefixed [{first_failed}], "
-        "say why.",
+        + f". Process {first_failed_process} failed first: its lines above, prefixed "
+        f"[{first_failed_process}], say why.",
         file=sys.stderr,
         flush=True,
     )
