@@ -11,7 +11,7 @@ from typing import Any, Literal
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
-from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
+from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError, first_line
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
 __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
@@ -448,19 +448,38 @@ def apply_transform(
         fns = tuple(fn for rule, fn in rules if rule.search(name))
         if not fns:
             continue
-        try:
-            value: Any = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-            for fn in fns:
-                value = jax.eval_shape(fn, value)
-            shape, dtype = tuple(value.shape), str(value.dtype)
-        except Exception as err:  # the user's function: any error, on one line
-            raise InvalidArgumentError(
-                f"transform of {name!r} failed on a {leaf.dtype}{shape_text(leaf.shape)} array "
-                f"({type(err).__name__}: {clip(str(err).splitlines()[0] if str(err) else '', 120)})"
-                "; fix the function or narrow its pattern."
-            ) from err
+        value = run_transforms(
+            name,
+            fns,
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+            abstract=True,
+            where=f" on a {leaf.dtype}{shape_text(leaf.shape)} array",
+        )
+        shape, dtype = tuple(value.shape), str(value.dtype)
         out[path] = (dataclasses.replace(leaf, shape=shape, dtype=dtype), fns)
     return out
+
+
+def run_transforms(
+    name: str, fns: tuple[Transform, ...], value: Any, *, abstract: bool, where: str = ""
+) -> Any:
+    """``value`` through ``fns`` in order: under ``jax.eval_shape`` when ``abstract`` (shapes
+    and dtypes only), else on the real array.
+
+    Raises:
+      InvalidArgumentError: a function raised; the message names the key and the error.
+    """
+    import jax
+
+    try:
+        for fn in fns:
+            value = jax.eval_shape(fn, value) if abstract else fn(value)
+    except Exception as err:  # the user's function: any error, on one line
+        raise InvalidArgumentError(
+            f"transform of {name!r}{where} failed ({type(err).__name__}: "
+            f"{clip(first_line(err, width=None), 120)}); fix the function or narrow its pattern."
+        ) from err
+    return value
 
 
 def build_report(

@@ -24,6 +24,7 @@ from nnx_ckpt_widgets.compare import (
     build_report,
     flatten_target,
     mismatch_error,
+    run_transforms,
 )
 from nnx_ckpt_widgets.errors import CorruptCheckpointError, InvalidArgumentError
 from nnx_ckpt_widgets.layouts import ReadRequest
@@ -414,15 +415,8 @@ def _transformed(
     """``value`` through the transform functions, in the target's dtype and on its sharding."""
     import jax
 
-    try:
-        for fn in chain:
-            value = fn(value)
-    except Exception as err:  # the user's function: any error, on one line
-        raise InvalidArgumentError(
-            f"transform of {leaf.name!r} from {info.path} failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:120] if str(err) else ''}); the target was left "
-            "unchanged, fix the function or narrow its pattern."
-        ) from err
+    # A failure here leaves the target unchanged: nothing has been applied yet.
+    value = run_transforms(leaf.name, chain, value, abstract=False, where=f" from {info.path}")
     if str(value.dtype) != target.dtype:
         value = value.astype(target.dtype)  # allowed: the report said "dtype mismatch"
     if isinstance(target.sharding, jax.sharding.Sharding) and target.key_impl is None:
