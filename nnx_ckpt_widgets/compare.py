@@ -476,8 +476,8 @@ def run_transforms(
             value = jax.eval_shape(fn, value) if abstract else fn(value)
     except Exception as err:  # the user's function: any error, on one line
         raise InvalidArgumentError(
-            f"transform of {name!r}{where} failed ({type(err).__name__}: "
-            f"{clip(first_line(err, width=None), 120)}); fix the function or narrow its pattern."
+            f"transform of {name!r}{where} failed ({clip(first_line(err, width=None), 120)}); "
+            "fix the function or narrow its pattern."
         ) from err
     return value
 

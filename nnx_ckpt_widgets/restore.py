@@ -416,7 +416,8 @@ def _transformed(
     import jax
 
     # A failure here leaves the target unchanged: nothing has been applied yet.
-    value = run_transforms(leaf.name, chain, value, abstract=False, where=f" from {info.path}")
+    name = _keypaths.join(target.path)
+    value = run_transforms(name, chain, value, abstract=False, where=f" from {info.path}")
     if str(value.dtype) != target.dtype:
         value = value.astype(target.dtype)  # allowed: the report said "dtype mismatch"
     if isinstance(target.sharding, jax.sharding.Sharding) and target.key_impl is None:

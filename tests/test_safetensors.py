@@ -147,7 +147,10 @@ def test_transform_errors_leave_the_model_alone(single):
     before = snapshot(model)
     with pytest.raises(ncw.InvalidArgumentError, match=r"transform pattern '\(' is not"):
         ncw.compare(single, model, rename=RENAME, transform={"(": lambda w: w})
-    with pytest.raises(ncw.InvalidArgumentError, match="transform of 'head/kernel' on a float32\(16, 8\) array failed"):
+    with pytest.raises(
+        ncw.InvalidArgumentError,
+        match=r"transform of 'head/kernel' on a float32\(16, 8\) array failed",
+    ):
         ncw.compare(single, model, rename=RENAME, transform={"head": lambda w: w.reshape(7)})
 
     def only_abstract(w):  # fine under jax.eval_shape, fails on real data
@@ -157,7 +160,10 @@ def test_transform_errors_leave_the_model_alone(single):
 
     transform = {r"layers/\d+/kernel$": lambda w: w.T, r"^head/kernel$": only_abstract}
     assert ncw.compare(single, model, rename=RENAME, transform=transform).ok
-    with pytest.raises(ncw.InvalidArgumentError, match="RuntimeError: boom") as raised:
+    with pytest.raises(
+        ncw.InvalidArgumentError,
+        match=r"transform of 'head/kernel' from .* failed \(RuntimeError boom\)",
+    ) as raised:
         ncw.restore(single, model, rename=RENAME, transform=transform)
     assert str(single) in str(raised.value) and "head/kernel" in str(raised.value)
     assert_same_arrays(before, model)
