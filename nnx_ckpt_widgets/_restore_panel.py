@@ -188,9 +188,8 @@ class RestorePanel(w.VBox):
             why = "the checkpoint has unexpected keys: choose 'unexpected: ignore'"
         if why is not None:
             return "warn", f"This restore will fail: {why}"
-        to_read = report.to_read
-        size = _text.human_bytes(sum(e.checkpoint.nbytes for e in to_read if e.checkpoint))
-        parts = [f"Ready to restore {_text.plural(len(to_read), 'array')} ({size})"]
+        size = _text.human_bytes(report.read_bytes)
+        parts = [f"Ready to restore {_text.plural(len(report.to_read), 'array')} ({size})"]
         casts = len(report.dtype_mismatched)
         if casts:
             parts.append(f"cast {casts}")
@@ -229,9 +228,8 @@ class RestorePanel(w.VBox):
         self.progress.layout.display = "flex"
 
     def _run(self, report: LoadReport, options: dict[str, Any]) -> None:
-        to_read = report.to_read
-        nbytes = sum(e.checkpoint.nbytes for e in to_read if e.checkpoint)
-        what = f"{_text.plural(len(to_read), 'array')} ({_text.human_bytes(nbytes)})"
+        nbytes = report.read_bytes
+        what = f"{_text.plural(len(report.to_read), 'array')} ({_text.human_bytes(nbytes)})"
         self._progress = (0, nbytes)
         start = time.perf_counter()
         done = threading.Event()
@@ -261,7 +259,9 @@ class RestorePanel(w.VBox):
             self.elapsed = time.perf_counter() - start
             self.result = result
             self.report_html.value = render.report_html(result)
-            self._set_status("done", result.outcome.rstrip("."), f"in {self.elapsed:.2f} s")
+            # The outcome is a sentence; the status adds the time after it, without its stop.
+            outcome = (result.outcome or "Restored").rstrip(".")
+            self._set_status("done", outcome, f"in {self.elapsed:.2f} s")
         finally:
             self.progress.layout.display = "none"
             self.running = False

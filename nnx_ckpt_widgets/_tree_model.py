@@ -131,7 +131,7 @@ class TreeModel:
         if leaf is not None:
             key: Hashable = (leaf.shape, leaf.dtype, leaf.sharding)
         else:
-            parts = []
+            parts: list[Hashable] = []
             for name in self._children.get(path, ()):
                 child = (*path, name)
                 below = leaves.get(child)  # most children are leaves: skip the call for them

@@ -145,7 +145,8 @@ class _Row:
             self.children = _ChildList(self.view, self.node, self.depth + 1)
         self.toggle.description = _OPEN if expanded else _CLOSED
         self.toggle.tooltip = "collapse" if expanded else "expand"
-        self.box.children = [self.line, self.children.box] if expanded else [self.line]
+        shown = [self.line, self.children.box] if expanded and self.children else [self.line]
+        self.box.children = shown
 
     def close(self) -> None:
         if self.children is not None:

@@ -12,12 +12,12 @@ deterministic summary, so notebooks checked by nbval can store it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import ipywidgets as w
 import traitlets
 
-from nnx_ckpt_widgets import _text
+from nnx_ckpt_widgets import _text, render
 from nnx_ckpt_widgets._display import full_text_bundle, one_line, stylesheet
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
@@ -72,7 +72,7 @@ class CheckpointBrowser(w.VBox):
         step: int | None = None,
         item: str | None = None,
         best_metric: str | None = None,
-        best_mode: str = "min",
+        best_mode: Literal["min", "max"] = "min",
         expand_depth: int = 2,
         page_size: int = 40,
     ):
@@ -209,20 +209,12 @@ class CheckpointBrowser(w.VBox):
         else:
             self.step_selector.disabled = self.item_selector.disabled = change["new"]
 
-    def _sizes(self) -> str:
-        """``4 arrays, 26 params, 104 B``."""
-        info = self.info
-        return (
-            f"{_text.plural(len(info.leaves), 'array')}, {_text.plural(info.num_params, 'param')}"
-            f", {_text.human_bytes(info.nbytes)}"
-        )
-
     def _render_header(self) -> None:
         info = self.info
         where = _text.where(info.path, info.step, info.item, info.steps)
         self.header.value = (
             f'<div class="nnx-ckpt-header nnx-ckpt-text"><b>{esc(where)}</b><br>'
-            f"{esc(info.format)}: {esc(self._sizes())}</div>"
+            f"{esc(render.info_summary(info))}</div>"
         )
 
     def _layout(self) -> None:
@@ -246,7 +238,7 @@ class CheckpointBrowser(w.VBox):
         info = self.info
         lines = [
             f"CheckpointBrowser: {_text.where(info.path, info.step, info.item, info.steps)}",
-            f"format {info.format}: {self._sizes()}",
+            render.info_summary(info),
         ]
         if info.steps:
             marks = self._step_marks()
@@ -263,11 +255,10 @@ class CheckpointBrowser(w.VBox):
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
         if self.panel is not None:
             report = self.panel.report
-            counts = ", ".join(f"{n} {status}" for status, n in report.counts.items() if n)
-            lines.append(f"load report: {counts}")
+            lines.append(f"load report: {_text.count_text(report.counts)}")
             if self.panel.result is not None:
-                done = self.panel.result.action_counts.items()
-                lines.append("actions: " + ", ".join(f"{n} {a}" for a, n in done if n))
+                done = {str(a): n for a, n in self.panel.result.action_counts.items()}
+                lines.append(f"actions: {_text.count_text(done)}")
             lines.append(f"status: {self.status}")
         return "\n".join(lines)
 
