@@ -51,7 +51,12 @@ STYLE = f"""<style>
 }}
 /* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45 */
 .nnx-ckpt .widget-html-content {{ line-height: 1.45; }}
-.nnx-ckpt .nnx-ckpt-report td:first-child {{ white-space: nowrap; }}
+/* Only key names break anywhere; a status, a shape or an action stays whole. */
+.nnx-ckpt .nnx-ckpt-report td {{ overflow-wrap: normal; word-break: normal; }}
+.nnx-ckpt .nnx-ckpt-report td:nth-child(2) {{ overflow-wrap: anywhere; }}
+.nnx-ckpt .nnx-ckpt-report td:first-child, .nnx-ckpt .nnx-ckpt-report td:nth-child(4) {{
+  white-space: nowrap;
+}}
 .nnx-ckpt .nnx-ckpt-dim {{ color: var(--jp-ui-font-color2, #59636e); }}
 .nnx-ckpt .nnx-ckpt-text {{ {MONO}; overflow-wrap: anywhere; word-break: break-word; }}
 .nnx-ckpt .nnx-ckpt-status[data-state="running"] {{ color: {COLOURS["running"]}; }}

@@ -104,7 +104,7 @@ class RestorePanel(w.VBox):
             [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
         )
         self.progress.add_class("nnx-ckpt-progress")
-        self.status_html = w.HTML(layout=w.Layout(width="100%"))
+        self.status_html = w.HTML()
         for option in (self.mode, self.missing, self.unexpected, self.cast):
             option.observe(self._options_changed, "value")
         self.button.on_click(self._clicked)
@@ -258,7 +258,9 @@ class RestorePanel(w.VBox):
             ticker.join()
             self.elapsed = time.perf_counter() - start
             self.result = result
-            self.report_html.value = render.report_html(result)
+            # The report's last line would repeat the outcome that the status line gives.
+            advice = f"<div><b>{render.esc(result.advice)}</b></div>"
+            self.report_html.value = render.report_html(result).replace(advice, "")
             # The outcome is a sentence; the status adds the time after it, without its stop.
             outcome = (result.outcome or "Restored").rstrip(".")
             self._set_status("done", outcome, f"in {self.elapsed:.2f} s")
