@@ -68,7 +68,17 @@ STYLE = f"""<style>
 .nnx-ckpt button.nnx-ckpt-name {{
   flex-shrink: 1; min-width: 3em; text-align: left; color: var(--jp-ui-font-color1, #1f2328);
 }}
-.nnx-ckpt .nnx-ckpt-tree-pane {{ flex: 0 1 auto; min-width: 220px; max-width: 45%; }}
+.nnx-ckpt .nnx-ckpt-tree {{ container-type: inline-size; }}
+.nnx-ckpt .nnx-ckpt-tree-pane {{ flex: 0 1 auto; min-width: 220px; max-width: 55%; }}
+/* Too narrow for two panes side by side: the tree above, treescope below, both full width. */
+@container (max-width: 640px) {{
+  .nnx-ckpt .nnx-ckpt-tree-pane, .nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 100%; max-width: 100%; }}
+}}
+/* Rows keep their height in a pane of bounded height: the pane scrolls, rows never shrink. */
+.nnx-ckpt .nnx-ckpt-scroll .widget-box, .nnx-ckpt .nnx-ckpt-scroll .widget-html {{
+  flex-shrink: 0;
+}}
+.nnx-ckpt .nnx-ckpt-scroll .widget-html {{ height: auto; }}
 .nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 360px; min-width: 0; }}
 </style>"""
 

@@ -44,15 +44,15 @@ class _Shared:
     def __init__(self) -> None:
         # Rows wrap: a long name keeps its line (clipped, whole in its tooltip) and the sizes
         # go under it, rather than being cut off at the pane's edge.
-        self.line = w.Layout(align_items="center", flex_flow="row wrap")
+        self.line = w.Layout(align_items="center", flex_flow="row wrap", overflow="visible")
         self.toggle = w.Layout(width="24px", height="22px", padding="0", margin="0")
         self.name = w.Layout(width="auto", max_width="100%", height="22px", padding="0 4px")
         self.leaf_name = w.Layout(
             width="auto", max_width="100%", height="22px", padding="0 4px", margin="0 0 0 26px"
         )
         self.info = w.Layout(margin="0 0 0 6px")
-        self.nested = w.Layout(margin="0 0 0 16px")
-        self.box = w.Layout()
+        self.nested = w.Layout(margin="0 0 0 16px", overflow="visible")
+        self.box = w.Layout(overflow="visible")  # only the pane scrolls, never a row
         self.flat = w.ButtonStyle(button_color="transparent")
         self.text = HTMLStyle()
 
@@ -200,7 +200,7 @@ class TreeView(w.HBox):
             "Click a name to show it with treescope.</div>"
         )
         # Flex sizes live in the stylesheet (classes), not in the Layouts: the tree takes the
-        # width its rows need, up to 45%, and the treescope pane the rest; what still does not
+        # width its rows need, up to 55%, and the treescope pane the rest; what still does not
         # fit scrolls, with a scrollbar.
         self.output = w.Output(layout=w.Layout(max_height="420px"))
         self.output.add_class("nnx-ckpt-scroll")

@@ -236,11 +236,14 @@ AUDIT_JS = r"""
     const bar = el.offsetHeight - el.clientHeight
       - parseFloat(s.borderTopWidth) - parseFloat(s.borderBottomWidth);
     // Only the panes meant to scroll may: the tree, treescope's output, the side-by-side
-    // columns. Anything else that is wider than its box pushes the layout out of shape.
-    if (overflowing && scrolls && !el.closest('.nnx-ckpt-scroll')
-        && !(el.getRootNode().host && el.getRootNode().host.closest('.nnx-ckpt-scroll'))) {
-      result.overflow.push(`${name(el)} scrolls but is no scroll pane`
-        + ` ${el.scrollWidth}>${el.clientWidth}`);
+    // columns. Anything else that is wider or taller than its box is out of shape: clipped,
+    // or scrolling on its own inside a pane.
+    const pane = el.classList.contains('nnx-ckpt-scroll')
+      || (el.classList.contains('jp-OutputArea-output') && el.closest('.nnx-ckpt-scroll'));
+    const taller = el.scrollHeight > el.clientHeight + 1 && s.overflowY !== 'visible';
+    if ((overflowing && scrolls || taller) && !pane && !tooltip) {
+      result.overflow.push(`${name(el)} overflows but is no scroll pane`
+        + ` ${el.scrollWidth}x${el.scrollHeight} > ${el.clientWidth}x${el.clientHeight}`);
     }
     if (overflowing && scrolls && bar < 1) {
       result.overflow.push(`${name(el)} scrolls with no visible scrollbar`
