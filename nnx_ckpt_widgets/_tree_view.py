@@ -14,7 +14,7 @@ import ipywidgets as w
 import traitlets
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from nnx_ckpt_widgets import _text
+from nnx_ckpt_widgets import _keypaths, _text
 from nnx_ckpt_widgets._display import treescope_output
 from nnx_ckpt_widgets._tree_model import TreeModel, TreeNode
 from nnx_ckpt_widgets.errors import InvalidArgumentError
@@ -242,7 +242,7 @@ class TreeView(w.HBox):
                 break
             children = found.children
         raise InvalidArgumentError(
-            f"The tree has no node {'/'.join(labels)!r}; its top level holds: "
+            f"The tree has no node {_keypaths.join(labels)!r}; its top level holds: "
             f"{', '.join(n.label for n in self._top.nodes[:10])}."
         )
 
@@ -254,9 +254,8 @@ class TreeView(w.HBox):
         tree, shown, total = self.model.abstract_tree(node.path, TREESCOPE_LEAVES)
         notes = [self.model.describe(node)]
         if node.count > 1:
-            notes.append(
-                f"{node.count:,} folded subtrees of one structure; showing {'/'.join(node.path)}"
-            )
+            first = _keypaths.join(node.path)
+            notes.append(f"{node.count:,} folded subtrees of one structure; showing {first}")
         if shown < total:
             notes.append(f"showing the first {shown:,} of {total:,} arrays")
         text = f"{node.name}: {'; '.join(notes)}"
