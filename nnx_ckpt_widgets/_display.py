@@ -54,7 +54,7 @@ STYLE = f"""<style>
 /* Only key names break anywhere; a status, a shape or an action stays whole. */
 .nnx-ckpt .nnx-ckpt-report td {{ overflow-wrap: normal; word-break: normal; }}
 .nnx-ckpt .nnx-ckpt-report td:nth-child(2) {{ overflow-wrap: anywhere; }}
-.nnx-ckpt .nnx-ckpt-report td:first-child, .nnx-ckpt .nnx-ckpt-report td:nth-child(4) {{
+.nnx-ckpt .nnx-ckpt-report td:first-child, .nnx-ckpt .nnx-ckpt-report td:nth-child(n + 3) {{
   white-space: nowrap;
 }}
 .nnx-ckpt .nnx-ckpt-dim {{ color: var(--jp-ui-font-color2, #59636e); }}
@@ -79,7 +79,7 @@ STYLE = f"""<style>
   flex-shrink: 0;
 }}
 .nnx-ckpt .nnx-ckpt-scroll .widget-html {{ height: auto; }}
-.nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 360px; min-width: 0; }}
+.nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 300px; min-width: 0; }}
 </style>"""
 
 

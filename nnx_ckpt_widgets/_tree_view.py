@@ -42,15 +42,15 @@ class _Shared:
     """
 
     def __init__(self) -> None:
-        # Rows wrap: a long name keeps its line (clipped, whole in its tooltip) and the sizes
-        # go under it, rather than being cut off at the pane's edge.
-        self.line = w.Layout(align_items="center", flex_flow="row wrap", overflow="visible")
+        # A row stays one line of toggle, name and sizes: when the pane is narrow, a long name
+        # is clipped (whole in its tooltip) and the sizes wrap inside their own box.
+        self.line = w.Layout(align_items="center", overflow="visible")
         self.toggle = w.Layout(width="24px", height="22px", padding="0", margin="0")
         self.name = w.Layout(width="auto", max_width="100%", height="22px", padding="0 4px")
         self.leaf_name = w.Layout(
             width="auto", max_width="100%", height="22px", padding="0 4px", margin="0 0 0 26px"
         )
-        self.info = w.Layout(margin="0 0 0 6px")
+        self.info = w.Layout(margin="0 0 0 6px", flex="1 1 auto", min_width="8em")
         self.nested = w.Layout(margin="0 0 0 16px", overflow="visible")
         self.box = w.Layout(overflow="visible")  # only the pane scrolls, never a row
         self.flat = w.ButtonStyle(button_color="transparent")
