@@ -1,9 +1,15 @@
-"""Shared pieces of the widgets: treescope outputs, full plain-text reprs, status lines.
+"""Shared pieces of the widgets: one stylesheet, theme colours, treescope outputs, text reprs.
 
 Treescope is the renderer behind ``nnx.display``. Its HTML carries scripts, which
 ``ipywidgets.HTML`` never runs, so it goes into an ``ipywidgets.Output`` as a display-data
 output (the front-ends render those as trusted outputs), with treescope's text rendering as the
 ``text/plain`` fallback.
+
+Colours are JupyterLab's ``--jp-*`` theme variables, so they follow the light and dark themes.
+A status colour such as ``--jp-success-color1`` alone is too pale on white (about 4:1), so it is
+mixed with the theme's text colour: darker on a light theme, lighter on a dark one, and at least
+4.5:1 against the background in both (checked in a real browser by ``tests/test_browser.py``).
+Outside Jupyter the fallbacks in each ``var()`` apply.
 """
 
 from __future__ import annotations
@@ -13,23 +19,153 @@ from typing import Any
 MONO = "font-family:var(--jp-code-font-family,monospace);font-size:12px"
 
 
-def treescope_output(value: Any, text: str | None = None) -> dict[str, Any]:
+def theme_colour(variable: str, fallback: str) -> str:
+    """A CSS colour: the theme's ``variable`` mixed with its text colour, readable on both themes.
+
+    Args:
+      variable: a JupyterLab colour variable, e.g. ``--jp-success-color1``.
+      fallback: the colour to use where the variable is not defined (nbconvert HTML).
+    """
+    return f"color-mix(in srgb,var({variable},{fallback}) 62%,var(--jp-content-font-color0,#000))"
+
+
+COLOURS = {
+    "running": theme_colour("--jp-brand-color1", "#0969da"),
+    "done": theme_colour("--jp-success-color1", "#1a7f37"),
+    "failed": theme_colour("--jp-error-color1", "#cf222e"),
+    "warn": theme_colour("--jp-warn-color1", "#9a6700"),
+}
+
+# One stylesheet for every widget of ours, scoped by class; a <style> is not a script, and the
+# HTML widget that holds it shows nothing. Scrollbars are styled so that they show on systems
+# with overlay scrollbars too (macOS): a pane that scrolls must look like it does.
+STYLE = f"""<style>
+.nnx-ckpt {{ color: var(--jp-ui-font-color1, #1f2328); }}
+.nnx-ckpt .nnx-ckpt-scroll {{ overflow: auto; }}
+.nnx-ckpt .nnx-ckpt-scroll, .nnx-ckpt .nnx-ckpt-scroll .jp-OutputArea-output {{
+  scrollbar-width: thin;
+  scrollbar-color: var(--jp-border-color1, #999) transparent;
+}}
+.nnx-ckpt .nnx-ckpt-report th, .nnx-ckpt .nnx-ckpt-report td {{
+  padding: 1px 14px 1px 0; vertical-align: top;
+}}
+/* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45 */
+.nnx-ckpt .widget-html-content {{ line-height: 1.45; }}
+/* Only key names break anywhere; a status, a shape or an action stays whole. */
+.nnx-ckpt .nnx-ckpt-report td {{ overflow-wrap: normal; word-break: normal; }}
+.nnx-ckpt .nnx-ckpt-report td:nth-child(2) {{ overflow-wrap: anywhere; }}
+.nnx-ckpt .nnx-ckpt-report td:first-child, .nnx-ckpt .nnx-ckpt-report td:nth-child(n + 3) {{
+  white-space: nowrap;
+}}
+.nnx-ckpt .nnx-ckpt-dim {{ color: var(--jp-ui-font-color2, #59636e); }}
+.nnx-ckpt .nnx-ckpt-text {{ {MONO}; overflow-wrap: anywhere; word-break: break-word; }}
+.nnx-ckpt .nnx-ckpt-status[data-state="running"] {{ color: {COLOURS["running"]}; }}
+.nnx-ckpt .nnx-ckpt-status[data-state="done"] {{ color: {COLOURS["done"]}; }}
+.nnx-ckpt .nnx-ckpt-status[data-state="failed"],
+.nnx-ckpt .nnx-ckpt-error {{ color: {COLOURS["failed"]}; }}
+.nnx-ckpt .nnx-ckpt-status[data-state="warn"] {{ color: {COLOURS["warn"]}; }}
+.nnx-ckpt .widget-button, .nnx-ckpt .widget-toggle-button {{ flex-shrink: 0; }}
+.nnx-ckpt button.nnx-ckpt-name {{
+  flex-shrink: 1; min-width: 3em; text-align: left; color: var(--jp-ui-font-color1, #1f2328);
+}}
+.nnx-ckpt .nnx-ckpt-tree {{ container-type: inline-size; }}
+.nnx-ckpt .nnx-ckpt-tree-pane {{ flex: 0 1 auto; min-width: 220px; max-width: 55%; }}
+/* Too narrow for two panes side by side: the tree above, treescope below, both full width. */
+@container (max-width: 640px) {{
+  .nnx-ckpt .nnx-ckpt-tree-pane, .nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 100%; max-width: 100%; }}
+}}
+/* Rows keep their height in a pane of bounded height: the pane scrolls, rows never shrink. */
+.nnx-ckpt .nnx-ckpt-scroll .widget-box, .nnx-ckpt .nnx-ckpt-scroll .widget-html {{
+  flex-shrink: 0;
+}}
+.nnx-ckpt .nnx-ckpt-scroll .widget-html {{ height: auto; }}
+.nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 300px; min-width: 0; }}
+</style>"""
+
+
+def stylesheet() -> Any:
+    """A new HTML widget holding :data:`STYLE`; every top-level widget of ours shows one."""
+    import ipywidgets as w
+
+    sheet = w.HTML(STYLE, layout=w.Layout(display="none"))
+    sheet.add_class("nnx-ckpt-style")
+    return sheet
+
+
+def treescope_output(value: Any, text: str | None = None, *, even: bool = False) -> dict[str, Any]:
     """A display-data output of ``value`` rendered by treescope.
 
     Args:
       value: what to render.
       text: the ``text/plain`` fallback; treescope's text rendering of ``value`` when None.
+      even: expand every container and fold every leaf (an array shows as its one-line
+        summary), instead of treescope's balanced layout, which unfolds whatever fits and so
+        shows one array in full and the next folded. Two renderings meant to be read side by
+        side then look alike.
     """
+    import contextlib
+
     import treescope
 
-    html = treescope.render_to_html(value, ignore_exceptions=True)
-    if text is None:
-        text = treescope.render_to_text(value, ignore_exceptions=True)
+    scope = (
+        treescope.active_expansion_strategy.set_scoped(_expand_containers)
+        if even
+        else contextlib.nullcontext()
+    )
+    with scope:
+        html = _treescope_html(value)
+        if text is None:
+            text = treescope.render_to_text(value, ignore_exceptions=True)
     return {
         "output_type": "display_data",
         "data": {"text/html": html, "text/plain": text},
         "metadata": {},
     }
+
+
+# Treescope draws on its own white pane in either theme; its comments ("# Param: 144 (576 B)")
+# are #aaaaaa there, 2.3:1. This grey is 5:1 on white. The rule goes inside treescope's shadow
+# root, after treescope's own, so it wins.
+_TREESCOPE_CSS = (
+    "<style>.color_comment, .color_comment a:not(:hover), .color_comment_when_expanded "
+    "{ color: #707070 !important; }</style>"
+)
+
+
+def _treescope_html(value: Any) -> str:
+    """``treescope.render_to_html(value)``, with :data:`_TREESCOPE_CSS` in its shadow root.
+
+    This uses two functions inside treescope 0.1.10 (the two steps of ``render_to_html``);
+    should they change, the plain rendering is used, and the browser test's contrast check
+    says so.
+    """
+    import treescope
+
+    try:
+        from treescope import lowering, rendering_parts
+        from treescope._internal import html_encapsulation
+        from treescope._internal.api import default_renderer
+
+        tree = rendering_parts.build_full_line_with_annotations(
+            default_renderer.build_foldable_representation(value, ignore_exceptions=True)
+        )
+        source = "".join(lowering._render_to_html_as_root_streaming(tree, False, []))
+        return html_encapsulation.encapsulate_html(source + _TREESCOPE_CSS, compress=True)
+    except (ImportError, AttributeError, TypeError):
+        return treescope.render_to_html(value, ignore_exceptions=True)
+
+
+def _expand_containers(tree: Any) -> None:
+    """A treescope expansion strategy: open a foldable exactly when it holds other foldables."""
+    from treescope import rendering_parts
+
+    for foldable in tree.foldables_in_this_part():
+        inner = foldable.as_expanded_part()
+        if inner.foldables_in_this_part():
+            foldable.set_expand_state(rendering_parts.ExpandState.EXPANDED)
+            _expand_containers(inner)
+        else:
+            foldable.set_expand_state(rendering_parts.ExpandState.COLLAPSED)
 
 
 def full_text_bundle(widget: Any, **kwargs: Any) -> dict[str, Any] | None:
@@ -40,7 +176,7 @@ def full_text_bundle(widget: Any, **kwargs: Any) -> dict[str, Any] | None:
     """
     from ipywidgets import DOMWidget
 
-    bundle = DOMWidget._repr_mimebundle_(widget, **kwargs)
+    bundle: dict[str, Any] | None = DOMWidget._repr_mimebundle_(widget, **kwargs)
     if bundle is not None:
         bundle["text/plain"] = repr(widget)
     return bundle
@@ -48,7 +184,7 @@ def full_text_bundle(widget: Any, **kwargs: Any) -> dict[str, Any] | None:
 
 def one_line(err: BaseException, width: int = 300) -> str:
     """The first line of an error's message, shortened, for a status line."""
-    from nnx_ckpt_widgets import render
+    from nnx_ckpt_widgets._text import clip
     from nnx_ckpt_widgets.errors import first_line
 
-    return render.clip(first_line(err, width=None), width)
+    return clip(first_line(err, width=None), width)

@@ -1,34 +1,41 @@
 """``RestorePanel``: the load report of a checkpoint against a model, and a Restore button.
 
-A restore runs in a worker thread, so the page keeps updating the elapsed time while Orbax
-reads. One lock guards the start: the button is disabled and ``running`` is set before the
-thread starts, and a click that finds a restore running does nothing, so two clicks never
-run two restores. :meth:`RestorePanel.wait` blocks until the restore has finished, for
-notebooks that click from Python and assert the result.
+The panel tells one story at a time. Before a restore, and again whenever an option, the step
+or the item changes, the report is the comparison and the status says what the current options
+will do ("Ready to restore 4 arrays (104 B) and zero-fill 2", or why they will fail). After a
+restore, the report lists what was done and the status counts it; after a failed one, the
+report is the comparison again and the status says why. In strict mode the lenient options are
+disabled and show what strict means (``missing: error``, ``unexpected: error``, no casts); the
+lenient choices come back when lenient is chosen again.
+
+A restore runs in a worker thread, so the page keeps updating while Orbax reads: after a second,
+a progress bar with the bytes read, the total and the elapsed time. One lock guards the start:
+the button is disabled and ``running`` is set before the thread starts, and a click that finds
+a restore running does nothing, so two clicks never run two restores. :meth:`RestorePanel.wait`
+blocks until the restore has finished, for notebooks that click from Python.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import ipywidgets as w
 import traitlets
 
-from nnx_ckpt_widgets import render
-from nnx_ckpt_widgets._display import MONO, one_line
+from nnx_ckpt_widgets import _text, render
+from nnx_ckpt_widgets._display import one_line
 from nnx_ckpt_widgets.compare import LoadReport, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
-from nnx_ckpt_widgets.restore import restore
+from nnx_ckpt_widgets.restore import apply_report
 
-_TICK = 0.25  # seconds between updates of the elapsed time while a restore runs
-# Cell spacing for the report table, scoped to our widgets; a <style> is not a script.
-_REPORT_STYLE = (
-    "<style>.nnx-ckpt-browser .nnx-ckpt-report th,.nnx-ckpt-browser .nnx-ckpt-report td"
-    "{padding:1px 14px 1px 0;vertical-align:top}</style>"
-)
-_COLOURS = {"ready": "inherit", "running": "#0969da", "done": "#1a7f37", "failed": "#cf222e"}
+State = Literal["ready", "warn", "running", "done", "failed"]
+_TICK = 0.25  # seconds between updates of the elapsed time and progress while a restore runs
+PROGRESS_AFTER = 1.0  # seconds: a restore that takes longer shows a progress bar
+_MISSING = ("keep", "zeros")
+_UNEXPECTED = ("ignore", "error")
+_STRICT = "error"  # what the disabled lenient options show in strict mode
 
 
 class RestorePanel(w.VBox):
@@ -41,18 +48,29 @@ class RestorePanel(w.VBox):
 
     status = traitlets.Unicode(
         "",
-        help="The status line as text: 'Ready ...', 'Restoring ...', 'Restored ...' or "
-        "'Restore failed: <reason>'.",
+        help="The status line as text: 'Ready ...', 'A strict restore will fail: ...', "
+        "'Restoring ...', 'Restored ...' or 'Restore failed: <reason>'.",
+    )
+    phase = traitlets.Enum(
+        ("ready", "warn", "running", "done", "failed"),
+        "ready",
+        help="What the status says: ready, warn (the options will fail), running, done, failed.",
     )
     running = traitlets.Bool(False, help="True while a restore runs; the button is disabled.")
 
     def __init__(self, info: CheckpointInfo, model: Any):
         self.model = model
-        self.report: LoadReport | None = None
+        self.targets = flatten_target(model)
+        self.info = info
+        self.report: LoadReport = build_report(info, self.targets)
         self.error: BaseException | None = None
         self.result: LoadReport | None = None
+        self.elapsed: float | None = None  # seconds the last restore took
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._syncing = False  # set while the panel itself moves option values
+        self._progress = (0, 0)  # bytes read and bytes to read, from the restoring thread
+        self._lenient = {"missing": "keep", "unexpected": "ignore", "cast": False}
         self.report_html = w.HTML()
         self.mode = w.ToggleButtons(
             options=[("strict", True), ("lenient", False)],
@@ -61,17 +79,31 @@ class RestorePanel(w.VBox):
                 "any difference between checkpoint and model fails the restore",
                 "keep or zero missing keys, skip unexpected ones",
             ],
-            style=w.ToggleButtonsStyle(button_width="72px"),
+            style=w.ToggleButtonsStyle(button_width="auto"),
         )
+        self.mode.add_class("nnx-ckpt-mode")
+        initial = {"description_width": "initial"}
         self.missing = w.Dropdown(
-            options=["keep", "zeros"], description="missing", layout=w.Layout(width="170px")
+            options=[_STRICT], description="missing", style=initial, layout=w.Layout(width="auto")
         )
         self.unexpected = w.Dropdown(
-            options=["ignore", "error"], description="unexpected", layout=w.Layout(width="190px")
+            options=[_STRICT],
+            description="unexpected",
+            style=initial,
+            layout=w.Layout(width="auto"),
         )
         self.cast = w.Checkbox(description="cast dtypes", indent=False)
+        self.cast.layout.width = "auto"
         self.button = w.Button(description="Restore", button_style="primary", icon="download")
+        self.button.layout.width = "auto"
+        self.button.layout.min_width = "max-content"
         self.button.add_class("nnx-ckpt-restore")
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px"))
+        self.bar_text = w.HTML()
+        self.progress = w.HBox(
+            [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
+        )
+        self.progress.add_class("nnx-ckpt-progress")
         self.status_html = w.HTML()
         for option in (self.mode, self.missing, self.unexpected, self.cast):
             option.observe(self._options_changed, "value")
@@ -80,66 +112,125 @@ class RestorePanel(w.VBox):
             [self.mode, self.missing, self.unexpected, self.cast],
             layout=w.Layout(flex_flow="row wrap", align_items="center"),
         )
-        super().__init__(
-            [
-                self.report_html,
-                self.options_box,
-                w.HBox([self.button, self.status_html], layout=w.Layout(align_items="center")),
-            ]
+        # The status has a row of its own: a long error wraps there and never squeezes the
+        # button (which does not shrink: see the stylesheet).
+        actions = w.HBox(
+            [self.button, self.progress],
+            layout=w.Layout(flex_flow="row wrap", align_items="center"),
         )
-        self.set_info(info)
+        super().__init__([self.report_html, self.options_box, actions, self.status_html])
+        self.add_class("nnx-ckpt-panel")
+        self._sync_options()
+        self._show_plan()
 
     def set_info(self, info: CheckpointInfo) -> None:
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
-        self.result = self.error = None
-        self.report = build_report(info, flatten_target(self.model))
-        self.report_html.value = _REPORT_STYLE + render.report_html(self.report)
-        self._options_changed()
+        self.report = build_report(info, self.targets)
+        self._show_plan()
 
     def options(self) -> dict[str, Any]:
-        """The keyword arguments the button passes to :func:`restore`."""
-        return {
-            "step": self.info.step,
-            "item": self.info.item,
-            "strict": self.mode.value,
-            "missing": self.missing.value,
-            "unexpected": self.unexpected.value,
-            "cast": self.cast.value,
-        }
+        """The keyword arguments the button passes to :func:`restore.apply_report`."""
+        if self.mode.value:
+            return {"strict": True, "missing": "keep", "unexpected": "ignore", "cast": False}
+        return {"strict": False, **self._lenient}
 
-    def _options_changed(self, _change: Any = None) -> None:
-        lenient = not self.mode.value
+    def _options_changed(self, change: dict[str, Any]) -> None:
+        if self._syncing or self.running:
+            return
+        owner = change["owner"]
+        if owner is not self.mode:
+            name = {self.missing: "missing", self.unexpected: "unexpected", self.cast: "cast"}
+            self._lenient[name[owner]] = change["new"]
+        self._sync_options()
+        self._show_plan()
+
+    def _sync_options(self) -> None:
+        """Enable the controls for the mode, and let the disabled ones show what strict means."""
+        strict = bool(self.mode.value)
+        self._syncing = True
+        try:
+            if strict:
+                self.missing.options = self.unexpected.options = [_STRICT]
+                self.missing.value = self.unexpected.value = _STRICT
+                self.cast.value = False
+            else:
+                self.missing.options, self.unexpected.options = _MISSING, _UNEXPECTED
+                self.missing.value = self._lenient["missing"]
+                self.unexpected.value = self._lenient["unexpected"]
+                self.cast.value = self._lenient["cast"]
+        finally:
+            self._syncing = False
+        self._enable(not self.running)
+
+    def _enable(self, idle: bool) -> None:
+        self.button.disabled = self.mode.disabled = not idle
+        lenient_controls = idle and not self.mode.value
         for option in (self.missing, self.unexpected, self.cast):
-            option.disabled = not lenient or self.running
-        if not self.running:
-            self._set_status("ready", self._ready_text())
+            option.disabled = not lenient_controls
 
-    def _ready_text(self) -> str:
-        report = self.report
-        arrays, nbytes = _to_read(report)
-        if self.mode.value and not report.ok:
-            return f"A strict restore will fail: {render.clip(report.summary(), 200)}."
-        return f"Ready to restore {arrays} arrays ({render.human_bytes(nbytes)})."
+    def _show_plan(self) -> None:
+        """The comparison, and what the current options would do with it."""
+        self.result = self.error = None
+        self.report_html.value = render.report_html(self.report)
+        self._set_status(*self._plan())
+
+    def _plan(self) -> tuple[State, str]:
+        report, opts = self.report, self.options()
+        if opts["strict"] and not report.ok:
+            return "warn", f"A strict restore will fail: {_text.clip(report.summary(), 200)}"
+        why = None
+        if report.shape_mismatched:
+            why = "shapes differ: change the model or rename keys"
+        elif report.dtype_mismatched and not opts["cast"]:
+            why = "dtypes differ: tick 'cast dtypes'"
+        elif report.unexpected and opts["unexpected"] == "error":
+            why = "the checkpoint has unexpected keys: choose 'unexpected: ignore'"
+        if why is not None:
+            return "warn", f"This restore will fail: {why}"
+        size = _text.human_bytes(report.read_bytes)
+        parts = [f"Ready to restore {_text.plural(len(report.to_read), 'array')} ({size})"]
+        casts = len(report.dtype_mismatched)
+        if casts:
+            parts.append(f"cast {casts}")
+        if report.missing:
+            verb = "zero-fill" if opts["missing"] == "zeros" else "keep"
+            parts.append(f"{verb} {len(report.missing)}")
+        if report.unexpected:
+            parts.append(f"ignore {len(report.unexpected)}")
+        return "ready", _join(parts)
 
     def _clicked(self, _button: Any = None) -> None:
         with self._lock:
             if self.running:
                 return  # a restore is running: this click must not start another
             self.running = True
-            self.button.disabled = True
-            for option in (self.mode, self.missing, self.unexpected, self.cast):
-                option.disabled = True
+            self._enable(False)
             self.error = self.result = None
-            kwargs = self.options()
             self._thread = threading.Thread(
-                target=self._run, args=(kwargs,), name="nnx-ckpt-restore", daemon=True
+                target=self._run,
+                args=(self.report, self.options()),
+                name="nnx-ckpt-restore",
+                daemon=True,
             )
             self._thread.start()
 
-    def _run(self, kwargs: dict[str, Any]) -> None:
-        arrays, nbytes = _to_read(self.report)
-        what = f"{arrays} arrays ({render.human_bytes(nbytes)})"
+    def _on_progress(self, done: int, total: int) -> None:
+        self._progress = (done, total)
+
+    def _show_progress(self, elapsed: float) -> None:
+        done, total = self._progress
+        self.bar.value = done / total if total else 0.0
+        self.bar_text.value = (
+            '<span class="nnx-ckpt-text nnx-ckpt-progress-text">'
+            f"{_text.human_bytes(done)} of {_text.human_bytes(total)} · {elapsed:.1f} s</span>"
+        )
+        self.progress.layout.display = "flex"
+
+    def _run(self, report: LoadReport, options: dict[str, Any]) -> None:
+        nbytes = report.read_bytes
+        what = f"{_text.plural(len(report.to_read), 'array')} ({_text.human_bytes(nbytes)})"
+        self._progress = (0, nbytes)
         start = time.perf_counter()
         done = threading.Event()
 
@@ -147,47 +238,43 @@ class RestorePanel(w.VBox):
             while not done.wait(_TICK):
                 elapsed = time.perf_counter() - start
                 self._set_status("running", f"Restoring {what}…", f"{elapsed:.1f} s")
+                if elapsed >= PROGRESS_AFTER:
+                    self._show_progress(elapsed)
 
         self._set_status("running", f"Restoring {what}…", "0.0 s")
         ticker = threading.Thread(target=tick, name="nnx-ckpt-restore-tick", daemon=True)
         ticker.start()
         try:
-            result = restore(self.info.path, self.model, **kwargs)
+            result = apply_report(report, self.model, progress=self._on_progress, **options)
         except Exception as err:  # every failure becomes the status line; the model is intact
             done.set()
             ticker.join()
+            self.elapsed = time.perf_counter() - start
             self.error = err
+            self.report_html.value = render.report_html(report)
             self._set_status("failed", f"Restore failed: {one_line(err)}")
         else:
             done.set()
             ticker.join()
+            self.elapsed = time.perf_counter() - start
             self.result = result
-            self.report_html.value = _REPORT_STYLE + render.report_html(result)
-            elapsed = time.perf_counter() - start
-            self._set_status(
-                "done",
-                f"Restored {result.restored_arrays} arrays "
-                f"({render.human_bytes(result.restored_bytes or 0)}).",
-                f"in {elapsed:.2f} s",
-            )
+            # The report's last line would repeat the outcome that the status line gives.
+            advice = f"<div><b>{render.esc(result.advice)}</b></div>"
+            self.report_html.value = render.report_html(result).replace(advice, "")
+            # The outcome is a sentence; the status adds the time after it, without its stop.
+            outcome = (result.outcome or "Restored").rstrip(".")
+            self._set_status("done", outcome, f"in {self.elapsed:.2f} s")
         finally:
+            self.progress.layout.display = "none"
             self.running = False
-            self.button.disabled = False
-            self._options_changed_after_run()
+            self._enable(True)
 
-    def _options_changed_after_run(self) -> None:
-        lenient = not self.mode.value
-        self.mode.disabled = False
-        for option in (self.missing, self.unexpected, self.cast):
-            option.disabled = not lenient
-
-    def _set_status(self, state: str, text: str, timing: str = "") -> None:
-        self.status = text
-        extra = f' <span style="opacity:.7">{render.esc(timing)}</span>' if timing else ""
+    def _set_status(self, state: State, text: str, timing: str = "") -> None:
+        self.phase, self.status = state, text
+        extra = f' <span class="nnx-ckpt-dim">{render.esc(timing)}</span>' if timing else ""
         self.status_html.value = (
-            f'<span class="nnx-ckpt-status" data-state="{state}" '
-            f'style="{MONO};color:{_COLOURS[state]};overflow-wrap:anywhere">'
-            f"{render.esc(text)}{extra}</span>"
+            f'<div class="nnx-ckpt-status nnx-ckpt-text" data-state="{state}">'
+            f"{render.esc(text)}{extra}</div>"
         )
 
     def wait(self, timeout: float | None = None) -> LoadReport | None:
@@ -205,9 +292,6 @@ class RestorePanel(w.VBox):
         return self.result
 
 
-def _to_read(report: LoadReport | None) -> tuple[int, int]:
-    """Arrays and bytes a restore will read: the matched keys and the ones to cast."""
-    if report is None:
-        return 0, 0
-    entries = [e for e in report.entries if e.status in ("matched", "dtype mismatch")]
-    return len(entries), sum(e.checkpoint.nbytes for e in entries)
+def _join(parts: list[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

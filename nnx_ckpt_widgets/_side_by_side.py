@@ -2,7 +2,9 @@
 
 Typical use is a checkpoint's saved values against the model after a restore. Above the two
 renderings, a line says which arrays differ; the widget's text form says the same, so a
-notebook can store it.
+notebook can store it. A model is shown as its ``nnx.State``, and both columns unfold the same
+way (every container open, every array as its one-line summary), so that the two read alike.
+Each column takes half the width and scrolls, with a scrollbar, what does not fit.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Any
 
 import ipywidgets as w
 
-from nnx_ckpt_widgets import _keypaths, render
-from nnx_ckpt_widgets._display import MONO, full_text_bundle, treescope_output
+from nnx_ckpt_widgets import _keypaths, _text
+from nnx_ckpt_widgets._display import full_text_bundle, stylesheet, treescope_output
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets.errors import InvalidArgumentError
+from nnx_ckpt_widgets.render import esc
 
 __all__ = ["SideBySide", "compare_states"]
 
@@ -35,15 +38,21 @@ class SideBySide(w.VBox):
         self.left, self.right = left, right
         self.differences = _differences(_flat(left), _flat(right))
         self.summary = w.HTML(
-            f'<div style="{MONO};overflow-wrap:anywhere">{render.esc(self.summary_text())}</div>'
+            f'<div class="nnx-ckpt-summary nnx-ckpt-text">{esc(self.summary_text())}</div>'
         )
         columns = []
-        for label, value in zip(self.labels, (left, right)):
-            output = w.Output(layout=w.Layout(overflow="auto"))
-            output.outputs = (treescope_output(value),)
-            title = w.HTML(f"<b>{render.esc(label)}</b>")
-            columns.append(w.VBox([title, output], layout=w.Layout(flex="1 1 0", min_width="0")))
-        super().__init__([self.summary, w.HBox(columns, layout=w.Layout(width="100%"))])
+        for label, value in zip(self.labels, (left, right), strict=True):
+            output = w.Output(layout=w.Layout(max_height="480px"))
+            output.add_class("nnx-ckpt-scroll")
+            output.outputs = (treescope_output(_shown(value), even=True),)
+            title = w.HTML(f'<b class="nnx-ckpt-text">{esc(label)}</b>')
+            column = w.VBox([title, output], layout=w.Layout(flex="1 1 0", min_width="0"))
+            column.add_class("nnx-ckpt-column")
+            columns.append(column)
+        row = w.HBox(columns, layout=w.Layout(width="100%", grid_gap="12px"))
+        super().__init__([stylesheet(), self.summary, row], layout=w.Layout(width="100%"))
+        self.add_class("nnx-ckpt")
+        self.add_class("nnx-ckpt-side-by-side")
 
     @property
     def equal(self) -> bool:
@@ -64,7 +73,7 @@ class SideBySide(w.VBox):
             paths = d[key]
             if paths:
                 folded = [p for p, _ in _keypaths.fold(paths)]
-                shown = ", ".join(render.clip(p, 60) for p in folded[:5])
+                shown = ", ".join(_text.clip(p, 60) for p in folded[:5])
                 more = f", and {len(folded) - 5} more" if len(folded) > 5 else ""
                 parts.append(f"{len(paths)} {kind}: {shown}{more}")
         if self.equal:
@@ -98,10 +107,19 @@ def compare_states(
     return SideBySide(left, right, labels=labels)
 
 
+def _shown(value: Any) -> Any:
+    """What a column renders: a model (any graph node) as its ``nnx.State``."""
+    from flax import nnx
+
+    return nnx.state(value) if nnx.graph.is_graph_node(value) else value
+
+
 def _flat(value: Any) -> dict[KeyPath, Any]:
     """Key path -> array of a model, ``nnx.State`` or pytree, ``value`` levels removed."""
     import jax
     from flax import nnx
+
+    from nnx_ckpt_widgets.layouts._pytree import entry_keys
 
     if nnx.graph.is_graph_node(value):
         value = nnx.state(value)
@@ -114,8 +132,7 @@ def _flat(value: Any) -> dict[KeyPath, Any]:
         return out
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-        parts = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-        flat[_keypaths.to_keypath(parts)] = leaf
+        flat[_keypaths.to_keypath(entry_keys(path))] = leaf
     if _keypaths.has_variable_level(flat):
         flat = {p[:-1]: v for p, v in flat.items()}
     return flat

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Hashable
 from typing import Any
 
-from nnx_ckpt_widgets import _keypaths, _text, render
+from nnx_ckpt_widgets import _keypaths, _text
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
@@ -66,6 +66,10 @@ class TreeModel:
         self._signatures: dict[KeyPath, int] = {}
         self.root = TreeNode("", ((),), ())
 
+    def child_count(self, node: TreeNode) -> int:
+        """How many names the node's first subtree holds, before folding."""
+        return len(self._children.get(node.path, ()))
+
     def is_leaf(self, node: TreeNode) -> bool:
         return node.path in self.info.leaves
 
@@ -83,13 +87,13 @@ class TreeModel:
     def describe(self, node: TreeNode) -> str:
         """Shape, dtype, params and bytes as one line of text (checkpoint strings unescaped)."""
         params, nbytes = self.stats(node)
-        sizes = f"{params:,} params, {render.human_bytes(nbytes)}"
+        sizes = f"{_text.plural(params, 'param')}, {_text.human_bytes(nbytes)}"
         if self.is_leaf(node):
             leaf = self.leaf(node)
             times = f"{node.count:,} × " if node.count > 1 else ""
             # A multi-device layout is worth a glance; a single device ("cpu:0") is noise.
             layout = f"  {leaf.sharding}" if leaf.sharding and "mesh(" in leaf.sharding else ""
-            return f"{times}{render.shape_text(leaf.shape)} {leaf.dtype}  {sizes}{layout}"
+            return f"{times}{_text.shape_text(leaf.shape)} {leaf.dtype}  {sizes}{layout}"
         return (f"{node.count:,} folded  " if node.count > 1 else "") + sizes
 
     def children(self, node: TreeNode) -> list[TreeNode]:
@@ -127,7 +131,7 @@ class TreeModel:
         if leaf is not None:
             key: Hashable = (leaf.shape, leaf.dtype, leaf.sharding)
         else:
-            parts = []
+            parts: list[Hashable] = []
             for name in self._children.get(path, ()):
                 child = (*path, name)
                 below = leaves.get(child)  # most children are leaves: skip the call for them

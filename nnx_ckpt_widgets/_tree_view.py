@@ -14,11 +14,12 @@ import ipywidgets as w
 import traitlets
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from nnx_ckpt_widgets import render
-from nnx_ckpt_widgets._display import MONO, treescope_output
+from nnx_ckpt_widgets import _keypaths, _text
+from nnx_ckpt_widgets._display import treescope_output
 from nnx_ckpt_widgets._tree_model import TreeModel, TreeNode
 from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.metadata import CheckpointInfo
+from nnx_ckpt_widgets.render import esc
 
 TREESCOPE_LEAVES = 100  # treescope costs milliseconds per leaf: a selection shows at most this
 _AUTO_ROWS = 120  # rows that may be opened at build time, over all levels
@@ -41,15 +42,17 @@ class _Shared:
     """
 
     def __init__(self) -> None:
-        self.line = w.Layout(align_items="center", overflow="hidden")
+        # A row stays one line of toggle, name and sizes: when the pane is narrow, a long name
+        # is clipped (whole in its tooltip) and the sizes wrap inside their own box.
+        self.line = w.Layout(align_items="center", overflow="visible")
         self.toggle = w.Layout(width="24px", height="22px", padding="0", margin="0")
-        self.name = w.Layout(width="auto", max_width="60%", height="22px", padding="0 4px")
+        self.name = w.Layout(width="auto", max_width="100%", height="22px", padding="0 4px")
         self.leaf_name = w.Layout(
-            width="auto", max_width="60%", height="22px", padding="0 4px", margin="0 0 0 26px"
+            width="auto", max_width="100%", height="22px", padding="0 4px", margin="0 0 0 26px"
         )
-        self.info = w.Layout(margin="0 0 0 6px", overflow="hidden")
-        self.nested = w.Layout(margin="0 0 0 16px")
-        self.box = w.Layout()
+        self.info = w.Layout(margin="0 0 0 6px", flex="1 1 auto", min_width="8em")
+        self.nested = w.Layout(margin="0 0 0 16px", overflow="visible")
+        self.box = w.Layout(overflow="visible")  # only the pane scrolls, never a row
         self.flat = w.ButtonStyle(button_color="transparent")
         self.text = HTMLStyle()
 
@@ -74,6 +77,7 @@ class _ChildList:
         if left:
             if self.more is None:
                 self.more = w.Button(layout=w.Layout(width="auto", margin="2px 0 2px 26px"))
+                self.more.add_class("nnx-ckpt-more")
                 self.more.on_click(self.show_more)
             shown = min(left, self.view.page_size)
             self.more.description = f"show {shown} more ({left:,} not shown)"
@@ -106,14 +110,15 @@ class _Row:
         shared = view._shared
         self.leaf = view.model.is_leaf(node)
         self.name = w.Button(
-            description=render.clip(node.label, 80),
-            tooltip=render.clip(node.name, 300),
+            description=_text.clip(node.label, 80),
+            tooltip=_text.clip(node.name, 300),
             layout=shared.leaf_name if self.leaf else shared.name,
             style=shared.flat,
         )
+        self.name.add_class("nnx-ckpt-name")
         self.name.on_click(lambda _b: view.select_node(node))
         self.info = w.HTML(
-            f'<span style="{MONO};opacity:.75">{render.esc(view.model.describe(node))}</span>',
+            f'<span class="nnx-ckpt-text nnx-ckpt-dim">{esc(view.model.describe(node))}</span>',
             layout=shared.info,
             style=shared.text,
         )
@@ -124,11 +129,12 @@ class _Row:
         self.toggle = w.Button(
             description=_CLOSED, tooltip="expand", layout=shared.toggle, style=shared.flat
         )
+        self.toggle.add_class("nnx-ckpt-toggle")
         self.toggle.on_click(lambda _b: self.set_expanded(not self.expanded))
         self.line = w.HBox([self.toggle, self.name, self.info], layout=shared.line)
         self.box = w.VBox([self.line], layout=shared.box)
         if depth < view.expand_depth and view._budget > 0:
-            view._budget -= min(len(view.model._children.get(node.path, ())), view.page_size)
+            view._budget -= min(view.model.child_count(node), view.page_size)
             self.set_expanded(True)
 
     def set_expanded(self, expanded: bool) -> None:
@@ -139,7 +145,8 @@ class _Row:
             self.children = _ChildList(self.view, self.node, self.depth + 1)
         self.toggle.description = _OPEN if expanded else _CLOSED
         self.toggle.tooltip = "collapse" if expanded else "expand"
-        self.box.children = [self.line, self.children.box] if expanded else [self.line]
+        shown = [self.line, self.children.box] if expanded and self.children else [self.line]
+        self.box.children = shown
 
     def close(self) -> None:
         if self.children is not None:
@@ -150,7 +157,7 @@ class _Row:
 
     def lines(self, indent: int) -> list[str]:
         mark = "  " if self.leaf else (_OPEN if self.expanded else _CLOSED) + " "
-        text = f"{'  ' * indent}{mark}{render.clip(self.node.label)}  "
+        text = f"{'  ' * indent}{mark}{_text.clip(self.node.label)}  "
         out = [text + self.view.model.describe(self.node)]
         if self.expanded and self.children is not None:
             out.extend(self.children.lines(indent + 1))
@@ -182,24 +189,27 @@ class TreeView(w.HBox):
 
     def __init__(self, info: CheckpointInfo, *, expand_depth: int = 2, page_size: int = 40):
         super().__init__(layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        self.add_class("nnx-ckpt-tree")
         self.expand_depth, self.page_size = expand_depth, page_size
         self.model = TreeModel(info)
         self._shared = _Shared()
         self._budget = _AUTO_ROWS
         self._top = _ChildList(self, self.model.root, 1)
         self.caption = w.HTML(
-            f'<span style="{MONO};opacity:.7">Click a name to show it with treescope.</span>'
+            '<div class="nnx-ckpt-caption nnx-ckpt-text nnx-ckpt-dim">'
+            "Click a name to show it with treescope.</div>"
         )
-        self.output = w.Output(layout=w.Layout(max_height="420px", overflow="auto"))
-        self.detail = w.VBox(
-            [self.caption, self.output], layout=w.Layout(flex="1 1 320px", min_width="0")
-        )
-        tree_box = w.VBox(
-            [self._top.box],
-            layout=w.Layout(flex="1 1 360px", min_width="0", max_height="480px", overflow="auto"),
-        )
+        # Flex sizes live in the stylesheet (classes), not in the Layouts: the tree takes the
+        # width its rows need, up to 55%, and the treescope pane the rest; what still does not
+        # fit scrolls, with a scrollbar.
+        self.output = w.Output(layout=w.Layout(max_height="420px"))
+        self.output.add_class("nnx-ckpt-scroll")
+        self.detail = w.VBox([self.caption, self.output])
+        self.detail.add_class("nnx-ckpt-detail")
+        tree_box = w.VBox([self._top.box], layout=w.Layout(max_height="480px"))
+        tree_box.add_class("nnx-ckpt-tree-pane")
+        tree_box.add_class("nnx-ckpt-scroll")
         self.children = [tree_box, self.detail]
-        self.add_class("nnx-ckpt-tree")
         self._budget = 0  # rows opened later by the user open one level at a time
 
     def close(self) -> None:
@@ -232,7 +242,7 @@ class TreeView(w.HBox):
                 break
             children = found.children
         raise InvalidArgumentError(
-            f"The tree has no node {'/'.join(labels)!r}; its top level holds: "
+            f"The tree has no node {_keypaths.join(labels)!r}; its top level holds: "
             f"{', '.join(n.label for n in self._top.nodes[:10])}."
         )
 
@@ -244,18 +254,16 @@ class TreeView(w.HBox):
         tree, shown, total = self.model.abstract_tree(node.path, TREESCOPE_LEAVES)
         notes = [self.model.describe(node)]
         if node.count > 1:
-            notes.append(
-                f"{node.count:,} folded subtrees of one structure; showing {'/'.join(node.path)}"
-            )
+            first = _keypaths.join(node.path)
+            notes.append(f"{node.count:,} folded subtrees of one structure; showing {first}")
         if shown < total:
             notes.append(f"showing the first {shown:,} of {total:,} arrays")
         text = f"{node.name}: {'; '.join(notes)}"
         self.caption.value = (
-            f'<div class="nnx-ckpt-caption" style="{MONO};overflow-wrap:anywhere">'
-            f"<b>{render.esc(node.name)}</b>: "
-            f"{render.esc('; '.join(notes))}</div>"
+            f'<div class="nnx-ckpt-caption nnx-ckpt-text"><b>{esc(node.name)}</b>: '
+            f"{esc('; '.join(notes))}</div>"
         )
-        self.output.outputs = (treescope_output(tree, text=render.clip(text, 300)),)
+        self.output.outputs = (treescope_output(tree, text=_text.clip(text, 300)),)
         self.selected = node.name
 
     def text(self, max_lines: int = 200) -> str:

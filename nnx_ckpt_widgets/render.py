@@ -42,12 +42,15 @@ __all__ = [
     "where",
 ]
 
+# JupyterLab's theme colours (hex where they are not defined, as in nbconvert HTML), mixed with
+# the theme's text colour so that they keep 4.5:1 contrast on the light and the dark theme.
+_MIX = "color-mix(in srgb,{} 62%,var(--jp-content-font-color0,#000))"
 STATUS_COLOURS = {
-    "matched": "#1a7f37",
-    "missing": "#9a6700",
-    "unexpected": "#8250df",
-    "shape mismatch": "#cf222e",
-    "dtype mismatch": "#bc4c00",
+    "matched": _MIX.format("var(--jp-success-color1,#1a7f37)"),
+    "missing": _MIX.format("var(--jp-warn-color1,#9a6700)"),
+    "unexpected": _MIX.format("#8250df"),
+    "shape mismatch": _MIX.format("var(--jp-error-color1,#cf222e)"),
+    "dtype mismatch": _MIX.format("var(--jp-warn-color0,#bc4c00)"),
 }
 BOX_STYLE = (
     "font-family:var(--jp-code-font-family,monospace);font-size:12px;max-width:100%;"

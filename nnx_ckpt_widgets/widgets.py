@@ -12,19 +12,20 @@ deterministic summary, so notebooks checked by nbval can store it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import ipywidgets as w
 import traitlets
 
-from nnx_ckpt_widgets import render
-from nnx_ckpt_widgets._display import full_text_bundle, one_line
+from nnx_ckpt_widgets import _text, render
+from nnx_ckpt_widgets._display import full_text_bundle, one_line, stylesheet
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
 from nnx_ckpt_widgets._tree_view import TreeView
 from nnx_ckpt_widgets.compare import LoadReport
 from nnx_ckpt_widgets.errors import CheckpointError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, inspect
+from nnx_ckpt_widgets.render import esc
 
 __all__ = ["CheckpointBrowser", "SideBySide", "compare_states"]
 
@@ -58,7 +59,9 @@ class CheckpointBrowser(w.VBox):
     """
 
     status = traitlets.Unicode(
-        "", help="The restore status as text (empty without a model), e.g. 'Restored 4 arrays'."
+        "",
+        help="The restore status as text (empty without a model), e.g. 'Restored 4 arrays "
+        "(104 B)'.",
     )
 
     def __init__(
@@ -69,12 +72,14 @@ class CheckpointBrowser(w.VBox):
         step: int | None = None,
         item: str | None = None,
         best_metric: str | None = None,
-        best_mode: str = "min",
+        best_mode: Literal["min", "max"] = "min",
         expand_depth: int = 2,
         page_size: int = 40,
     ):
         super().__init__(layout=w.Layout(width="100%"))
+        self.add_class("nnx-ckpt")
         self.add_class("nnx-ckpt-browser")
+        self._style = stylesheet()
         self.path = path
         self.model = model
         self.best_metric, self.best_mode = best_metric, best_mode
@@ -85,9 +90,16 @@ class CheckpointBrowser(w.VBox):
         self.error: CheckpointError | None = None  # why the last chosen step did not open
         self.error_html = w.HTML()
         self._error_text = ""
-        self.step_selector = w.Dropdown(description="step", layout=w.Layout(width="auto"))
-        self.item_selector = w.Dropdown(description="item", layout=w.Layout(width="auto"))
-        self.selectors = w.HBox()
+        # "initial": the label is as wide as its text, next to the list, not right-aligned in
+        # ipywidgets' default 148 px.
+        labels = {"description_width": "initial"}
+        self.step_selector = w.Dropdown(
+            description="step", style=labels, layout=w.Layout(width="auto", max_width="100%")
+        )
+        self.item_selector = w.Dropdown(
+            description="item", style=labels, layout=w.Layout(width="auto", max_width="100%")
+        )
+        self.selectors = w.HBox(layout=w.Layout(flex_flow="row wrap"))
         self.tree = TreeView(self.info, **self._tree_options)
         self.panel: RestorePanel | None = None
         if model is not None:
@@ -143,7 +155,7 @@ class CheckpointBrowser(w.VBox):
         options = []
         for step in info.steps:
             mark = f"  ({', '.join(marks[step.step])})" if marks.get(step.step) else ""
-            options.append((render.step_text(step) + mark, step.step))
+            options.append((_text.step_text(step) + mark, step.step))
         self._filling = True  # setting options moves the value: not a user's choice
         try:
             self.step_selector.options = options
@@ -186,8 +198,7 @@ class CheckpointBrowser(w.VBox):
     def _set_error(self, err: CheckpointError | None, text: str = "") -> None:
         self.error, self._error_text = err, text
         self.error_html.value = (
-            f'<div class="nnx-ckpt-error" style="{render.BOX_STYLE};color:#cf222e">'
-            f"{render.esc(text)}</div>"
+            f'<div class="nnx-ckpt-error nnx-ckpt-text">{esc(text)}</div>'
             if err is not None
             else ""
         )
@@ -200,11 +211,10 @@ class CheckpointBrowser(w.VBox):
 
     def _render_header(self) -> None:
         info = self.info
-        where = render.where(info.path, info.step, info.item, info.steps)
+        where = _text.where(info.path, info.step, info.item, info.steps)
         self.header.value = (
-            f'<div style="{render.BOX_STYLE}"><b>{render.esc(where)}</b><br>'
-            f"{render.esc(info.format)} · {len(info.leaves):,} arrays · "
-            f"{info.num_params:,} params · {render.esc(render.human_bytes(info.nbytes))}</div>"
+            f'<div class="nnx-ckpt-header nnx-ckpt-text"><b>{esc(where)}</b><br>'
+            f"{esc(render.info_summary(info))}</div>"
         )
 
     def _layout(self) -> None:
@@ -213,7 +223,7 @@ class CheckpointBrowser(w.VBox):
             selectors.append(self.step_selector)
         if len(self.info.items) > 1:
             selectors.append(self.item_selector)
-        children: list[w.Widget] = [self.header]
+        children: list[w.Widget] = [self._style, self.header]
         if selectors:
             self.selectors.children = selectors
             children.append(self.selectors)
@@ -227,27 +237,28 @@ class CheckpointBrowser(w.VBox):
     def __repr__(self) -> str:
         info = self.info
         lines = [
-            f"CheckpointBrowser: {render.where(info.path, info.step, info.item, info.steps)}",
-            f"format {info.format}: {len(info.leaves):,} arrays, {info.num_params:,} params, "
-            f"{render.human_bytes(info.nbytes)}",
+            f"CheckpointBrowser: {_text.where(info.path, info.step, info.item, info.steps)}",
+            render.info_summary(info),
         ]
         if info.steps:
             marks = self._step_marks()
             steps = [
-                render.step_text(s) + "".join(f" {m}" for m in marks.get(s.step, ()))
+                _text.step_text(s) + "".join(f" {m}" for m in marks.get(s.step, ()))
                 for s in info.steps
             ]
             lines.append("steps: " + ", ".join(steps))
         if len(info.items) > 1:
-            lines.append("items: " + ", ".join(render.clip(i, 40) for i in info.items))
+            lines.append("items: " + ", ".join(_text.clip(i, 40) for i in info.items))
         if self.error is not None:
             lines.append(f"error: {self._error_text}")
         lines.append("tree:")
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
         if self.panel is not None:
-            report = self.report
-            counts = ", ".join(f"{n} {status}" for status, n in report.counts.items() if n)
-            lines.append(f"load report: {counts}")
+            report = self.panel.report
+            lines.append(f"load report: {_text.count_text(report.counts)}")
+            if self.panel.result is not None:
+                done = {str(a): n for a, n in self.panel.result.action_counts.items()}
+                lines.append(f"actions: {_text.count_text(done)}")
             lines.append(f"status: {self.status}")
         return "\n".join(lines)
 

@@ -157,7 +157,10 @@ class _Elements(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self.elements.append((tag, attrs))
         if tag != "br":
-            self.styles.append(dict(attrs).get("style") or "")
+            given = dict(attrs)
+            # Our widgets style by class, from one stylesheet (nnx_ckpt_widgets._display.STYLE).
+            classes = " ".join(f".{c}" for c in (given.get("class") or "").split())
+            self.styles.append(f"{given.get('style') or ''} {classes}".strip())
 
     def handle_endtag(self, tag):
         if self.styles:
@@ -177,7 +180,7 @@ def assert_inert(markup: str) -> None:
         assert tag in OURS, tag
         assert not [name for name, _ in attrs if name.startswith("on")], (tag, attrs)
     for styles in parser.around_long:
-        assert "overflow-wrap:anywhere" in styles, styles
+        assert "overflow-wrap:anywhere" in styles or ".nnx-ckpt-text" in styles, styles
 
 
 def walk(widget: ipywidgets.Widget):
@@ -278,7 +281,9 @@ def test_browser_html_after_expanding_selecting_and_failing(hostile):
     assert any("&lt;script&gt;" in m for m in shown)
     long = next(r for r in browser.tree._top.rows if r.node.label.startswith("kkk"))
     assert len(long.name.description) <= 80 and "…" in long.name.description  # clipped
-    assert long.name.layout.max_width == "60%" and long.line.layout.overflow == "hidden"
+    # Clipped to the pane (the button ellipsizes), the whole name in its tooltip.
+    assert long.name.layout.max_width == "100%" and "nnx-ckpt-name" in long.name._dom_classes
+    assert long.name.tooltip.startswith("kkk") and len(long.name.tooltip) > 80
 
 
 def test_browser_of_a_manager_with_hostile_items_and_metrics(hostile):
@@ -300,7 +305,8 @@ def test_side_by_side():
     left = {name: np.ones(1, np.float32) for name in NAMES}
     right = {XSS: np.zeros(1, np.float32), LONG: np.ones(1, np.float32)}
     view = compare_states(left, right, labels=(XSS, SCRIPT))
-    values = html_values(view)
+    style, *values = html_values(view)  # first our stylesheet, which holds no names
+    assert style.startswith("<style>") and "<img" not in style and XSS not in style
     assert len(values) == 3
     for markup in values:
         assert_inert(markup)
@@ -331,3 +337,11 @@ def test_readme_security_section():
         "fresh model",
     ):
         assert words in section, words
+
+
+def test_the_text_class_wraps_anywhere():
+    """A long name wraps wherever the widgets mark it ``nnx-ckpt-text`` (see assert_inert)."""
+    from nnx_ckpt_widgets._display import STYLE
+
+    rule = STYLE.split(".nnx-ckpt .nnx-ckpt-text {", 1)[1].split("}", 1)[0]
+    assert "overflow-wrap: anywhere" in rule
