@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import ipywidgets as w
@@ -26,7 +27,7 @@ import traitlets
 
 from nnx_ckpt_widgets import _text, render
 from nnx_ckpt_widgets._display import one_line
-from nnx_ckpt_widgets.compare import LoadReport, build_report, flatten_target
+from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
 from nnx_ckpt_widgets.restore import apply_report
 
@@ -58,11 +59,19 @@ class RestorePanel(w.VBox):
     )
     running = traitlets.Bool(False, help="True while a restore runs; the button is disabled.")
 
-    def __init__(self, info: CheckpointInfo, model: Any):
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        model: Any,
+        *,
+        rename: Mapping[str, str] | None = None,
+        transform: Mapping[str, Transform] | None = None,
+    ):
         self.model = model
         self.targets = flatten_target(model)
         self.info = info
-        self.report: LoadReport = build_report(info, self.targets)
+        self.rename, self.transform = rename, transform
+        self.report: LoadReport = build_report(info, self.targets, rename, transform)
         self.error: BaseException | None = None
         self.result: LoadReport | None = None
         self.elapsed: float | None = None  # seconds the last restore took
@@ -126,7 +135,7 @@ class RestorePanel(w.VBox):
     def set_info(self, info: CheckpointInfo) -> None:
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
-        self.report = build_report(info, self.targets)
+        self.report = build_report(info, self.targets, self.rename, self.transform)
         self._show_plan()
 
     def options(self) -> dict[str, Any]:

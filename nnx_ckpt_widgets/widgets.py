@@ -12,6 +12,7 @@ deterministic summary, so notebooks checked by nbval can store it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import ipywidgets as w
@@ -22,7 +23,7 @@ from nnx_ckpt_widgets._display import full_text_bundle, one_line, stylesheet
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
 from nnx_ckpt_widgets._tree_view import TreeView
-from nnx_ckpt_widgets.compare import LoadReport
+from nnx_ckpt_widgets.compare import LoadReport, Transform
 from nnx_ckpt_widgets.errors import CheckpointError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, inspect
 from nnx_ckpt_widgets.render import esc
@@ -42,6 +43,10 @@ class CheckpointBrowser(w.VBox):
         best is marked ``best`` in the step selector.
       best_mode: ``"min"`` or ``"max"``: which value of ``best_metric`` is best, as in
         Orbax's ``CheckpointManagerOptions(best_mode=...)``.
+      rename: regex -> replacement for checkpoint keys, as for :func:`restore`.
+      transform: regex -> function of one array, as for :func:`restore`: the load report
+        shows the transformed shapes and marks each transformed key, and Restore applies
+        the functions.
       expand_depth: tree levels open at first.
       page_size: tree rows shown under one node before a "show more" button.
 
@@ -73,6 +78,8 @@ class CheckpointBrowser(w.VBox):
         item: str | None = None,
         best_metric: str | None = None,
         best_mode: Literal["min", "max"] = "min",
+        rename: Mapping[str, str] | None = None,
+        transform: Mapping[str, Transform] | None = None,
         expand_depth: int = 2,
         page_size: int = 40,
     ):
@@ -103,7 +110,7 @@ class CheckpointBrowser(w.VBox):
         self.tree = TreeView(self.info, **self._tree_options)
         self.panel: RestorePanel | None = None
         if model is not None:
-            self.panel = RestorePanel(self.info, model)
+            self.panel = RestorePanel(self.info, model, rename=rename, transform=transform)
             self.panel.observe(self._panel_changed, names=["status", "running"])
             self.status = self.panel.status
         self._fill_selectors()

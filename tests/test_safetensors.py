@@ -375,3 +375,16 @@ def test_cli_compare_json(single, capsys):
     assert data["ok"] is False
     statuses = {e["key"]: e["status"] for e in data["entries"]}
     assert statuses["lm_head/weight"] == "unexpected" and statuses["head/kernel"] == "missing"
+
+
+def test_browser_with_rename_and_transform(sharded):
+    model = TinyLM(nnx.Rngs(0))
+    browser = ncw.CheckpointBrowser(sharded, model, rename=RENAME, transform=TRANSPOSE)
+    assert browser.report is not None and browser.report.ok
+    assert "transformed from (16, 8) float32" in browser.panel.report_html.value
+    assert "safetensors (2 shards)" in repr(browser)
+    browser.restore_button.click()
+    browser.wait(60)
+    assert browser.panel.error is None, browser.panel.error
+    assert browser.status.startswith("Restored 5 arrays")
+    assert_same_arrays(_expected(hf_weights()), model)
