@@ -15,8 +15,9 @@ hold an English markdown cell as ``msgid`` and its Chinese as ``msgstr``. Three 
     translation is incomplete (missing, empty or fuzzy entries) is not written; the problems
     are listed and the exit status is 1.
 ``check``
-    Change nothing; list every missing, empty, fuzzy or stale translation and every zh
-    notebook that differs from what ``build`` would write; exit 1 if there is any.
+    Change nothing; list every missing, empty, fuzzy or stale translation, every translation
+    that lost a code span or link of its English, and every zh notebook that differs from
+    what ``build`` would write; exit 1 if there is any.
 
 ``make zh`` runs ``update`` then ``build``. Usage::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import io
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,13 +63,21 @@ SIMILAR_SAME_CELL = 0.4
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing that keeps a zh notebook from being complete and current."""
+    """One thing that keeps a zh notebook from being complete and current.
+
+    ``kind`` is one of: ``missing`` (no entry, or no file), ``untranslated`` (empty msgstr),
+    ``fuzzy``, ``stale`` (an entry that matches no English cell), ``out-of-date`` (a ``.po``
+    file that ``update`` would change), ``dropped`` (a translation that lost a code span or
+    link of its English), ``differs`` (a zh notebook that ``build`` would change),
+    ``unbuilt`` (a zh notebook that cannot be built yet) and ``stray`` (no English notebook).
+    """
 
     path: str  # relative to the repository root
+    kind: str
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        return f"{self.path}: {self.kind}: {self.message}"
 
 
 class IncompleteTranslationError(Exception):
@@ -290,7 +300,14 @@ def _counts(po: polib.POFile) -> dict[str, int]:
 # --- build ------------------------------------------------------------------------------------
 
 
-def translation_problems(edition: Edition, notebook: Path, po: polib.POFile | None) -> list[Problem]:
+def _first_line(source: str) -> str:
+    lines = source.strip().splitlines()
+    return repr(lines[0][:60]) if lines else "''"
+
+
+def translation_problems(
+    edition: Edition, notebook: Path, po: polib.POFile | None
+) -> list[Problem]:
     """Every markdown cell of ``notebook`` without a complete translation, and stale entries."""
     where = edition.rel(edition.po_path(notebook))
     cells = markdown_cells(read_notebook(notebook))
@@ -298,40 +315,105 @@ def translation_problems(edition: Edition, notebook: Path, po: polib.POFile | No
         return [
             Problem(
                 where,
-                f"missing: no translation file for {notebook.name} ({len(cells)} markdown "
-                "cells to translate); run `make zh` to create it, then fill in each msgstr",
+                "missing",
+                f"no translation file for {notebook.name} (its markdown cells "
+                f"{', '.join(str(i) for i, _ in cells)} need translating); run `make zh` to "
+                "create it, then fill in each msgstr",
             )
         ]
     entries = {e.msgid: e for e in po if not e.obsolete}
-    problems = []
+    problems, untranslated = [], []
     for index, source in cells:
         entry = entries.get(source)
-        first_line = source.strip().splitlines()[0][:60] if source.strip() else ""
-        cell = f"cell {index} ({first_line!r})"
         if entry is None:
             problems.append(
-                Problem(where, f"{cell}: missing: no entry; run `make zh`, then translate it")
+                Problem(
+                    where,
+                    "missing",
+                    f"cell {index} ({_first_line(source)}) has no entry; run `make zh`, "
+                    "then translate it",
+                )
             )
         elif not entry.msgstr:
-            problems.append(Problem(where, f"{cell}: untranslated: the msgstr is empty"))
+            untranslated.append(index)
         elif "fuzzy" in entry.flags:
             problems.append(
                 Problem(
                     where,
-                    f"{cell}: fuzzy: the English cell changed since it was translated; compare "
-                    "the msgid with the previous one (#| msgid), fix the msgstr, remove the "
-                    "fuzzy flag",
+                    "fuzzy",
+                    f"cell {index} ({_first_line(source)}) changed in English since it was "
+                    "translated; compare its msgid with the previous one (#| msgid), fix the "
+                    "msgstr, then delete the fuzzy flag",
                 )
             )
+    if untranslated:
+        problems.append(
+            Problem(
+                where,
+                "untranslated",
+                f"{len(untranslated)} of {len(cells)} markdown cells have an empty msgstr: "
+                f"cells {', '.join(map(str, untranslated))}",
+            )
+        )
     current = {source for _, source in cells}
     for entry in entries.values():
         if entry.msgid not in current:
-            first_line = entry.msgid.strip().splitlines()[0][:60] if entry.msgid.strip() else ""
             problems.append(
                 Problem(
                     where,
-                    f"stale: entry {first_line!r} matches no markdown cell of {notebook.name} "
-                    "(the English changed or was removed); run `make zh`",
+                    "stale",
+                    f"the entry {_first_line(entry.msgid)} matches no markdown cell of "
+                    f"{notebook.name} (the English changed or was removed); run `make zh`",
+                )
+            )
+    return problems
+
+
+_CODE_SPAN = re.compile(r"`[^`\n]+`")
+_URL = re.compile(r"https?://[^\s)\]>]+")
+# Colab and Binder links of an English notebook point at its zh twin in the translation.
+_TO_ZH = [
+    (re.compile(r"(/blob/[^/\s]+/notebooks/)([\w.-]+\.ipynb)"), r"\1zh/\2"),
+    (re.compile(r"(labpath=notebooks%2F)([\w.-]+\.ipynb)"), r"\1zh%2F\2"),
+]
+
+
+def zh_url(url: str) -> str:
+    """The URL a translation carries for ``url``: the same, or the zh twin's Colab/Binder link."""
+    for pattern, replacement in _TO_ZH:
+        url = pattern.sub(replacement, url)
+    return url
+
+
+def dropped_problems(edition: Edition, notebook: Path, po: polib.POFile | None) -> list[Problem]:
+    """Translations that lost a code span or URL of their English cell.
+
+    Code, API names, file names, error messages and URLs stay in English; Colab and Binder
+    links of ``notebooks/<name>.ipynb`` become those of ``notebooks/zh/<name>.ipynb``.
+    """
+    if po is None:
+        return []
+    where = edition.rel(edition.po_path(notebook))
+    indices = {source: i for i, source in reversed(markdown_cells(read_notebook(notebook)))}
+    problems = []
+    for entry in po:
+        if entry.obsolete or not entry.msgstr or entry.msgid not in indices:
+            continue
+        lost = [s for s in dict.fromkeys(_CODE_SPAN.findall(entry.msgid)) if s not in entry.msgstr]
+        lost += [
+            zh_url(u)
+            for u in dict.fromkeys(_URL.findall(entry.msgid))
+            if zh_url(u) not in entry.msgstr
+        ]
+        if lost:
+            problems.append(
+                Problem(
+                    where,
+                    "dropped",
+                    f"the translation of cell {indices[entry.msgid]} lacks "
+                    + ", ".join(lost[:5])
+                    + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+                    + " (keep code and links exactly; Colab/Binder links point to notebooks/zh/)",
                 )
             )
     return problems
@@ -345,9 +427,7 @@ def build_text(edition: Edition, notebook: Path, po: polib.POFile | None) -> str
     Raises:
         IncompleteTranslationError: when a markdown cell has no complete translation.
     """
-    problems = [
-        p for p in translation_problems(edition, notebook, po) if "stale" not in p.message
-    ]
+    problems = [p for p in translation_problems(edition, notebook, po) if p.kind != "stale"]
     if problems or po is None:
         raise IncompleteTranslationError(problems)
     entries = {e.msgid: e for e in po if not e.obsolete}
@@ -381,48 +461,65 @@ def build(edition: Edition, notebooks: Sequence[Path]) -> tuple[list[str], list[
 
 
 def check(edition: Edition, notebooks: Sequence[Path], *, strays: bool = True) -> list[Problem]:
-    """Everything that is missing, fuzzy, stale or out of date, for ``notebooks``."""
+    """Everything missing, fuzzy, stale or out of date for ``notebooks``; changes nothing.
+
+    Args:
+        edition: where the notebooks live.
+        notebooks: the English notebooks to check.
+        strays: also report zh notebooks and ``.po`` files that have no English notebook.
+
+    Returns:
+        The problems, in notebook order; an empty list when the edition is complete and current.
+    """
     problems: list[Problem] = []
     for notebook in notebooks:
-        po_path = edition.po_path(notebook)
+        po_path, zh = edition.po_path(notebook), edition.zh_path(notebook)
         po = read_po(po_path)
-        problems += translation_problems(edition, notebook, po)
-        if po is not None:
+        found = translation_problems(edition, notebook, po)
+        if po is not None and not any(p.kind in ("missing", "stale") for p in found):
             synced = synced_po(notebook.name, markdown_cells(read_notebook(notebook)), po)
-            if po_text(synced) != po_text(po) and not any(
-                p.path == edition.rel(po_path) and "stale" in p.message for p in problems
-            ):
-                problems.append(
-                    Problem(edition.rel(po_path), "out of date with the notebook; run `make zh`")
+            if po_text(synced) != po_text(po):
+                found.append(
+                    Problem(
+                        edition.rel(po_path),
+                        "out-of-date",
+                        f"not in step with {notebook.name} (cell numbers or header); run `make zh`",
+                    )
                 )
-        zh = edition.zh_path(notebook)
+        problems += found + dropped_problems(edition, notebook, po)
         try:
             expected: str | None = build_text(edition, notebook, po)
         except IncompleteTranslationError:
             expected = None
-        if not zh.exists():
-            problems.append(Problem(edition.rel(zh), "missing: not built yet"))
-        elif expected is not None and zh.read_text(encoding="utf-8") != expected:
+        if expected is None:
             problems.append(
                 Problem(
                     edition.rel(zh),
-                    f"differs from what `make zh` builds from {edition.rel(notebook)} and "
-                    f"{edition.rel(po_path)} (never edit a zh notebook by hand); run `make zh`",
+                    "unbuilt",
+                    ("exists but " if zh.exists() else "")
+                    + "cannot be built until the translation above is complete",
                 )
             )
-        elif expected is None:
+        elif not zh.exists():
+            problems.append(Problem(edition.rel(zh), "missing", "not built yet; run `make zh`"))
+        elif zh.read_text(encoding="utf-8") != expected:
             problems.append(
-                Problem(edition.rel(zh), "cannot be rebuilt until its translation is complete")
+                Problem(
+                    edition.rel(zh),
+                    "differs",
+                    f"not what `make zh` builds from {edition.rel(notebook)} and "
+                    f"{edition.rel(po_path)} (never edit a zh notebook by hand); run `make zh`",
+                )
             )
     if strays:
         english = {p.name for p in edition.notebooks()}
         for zh in sorted(edition.zh_dir.glob("*.ipynb")):
             if zh.name not in english:
-                problems.append(Problem(edition.rel(zh), "has no English notebook; delete it"))
+                problems.append(Problem(edition.rel(zh), "stray", "no English notebook; delete it"))
         for po_path in sorted(edition.po_dir.glob("*.po")):
             if f"{po_path.stem}.ipynb" not in english:
                 problems.append(
-                    Problem(edition.rel(po_path), "has no English notebook; delete it")
+                    Problem(edition.rel(po_path), "stray", "no English notebook; delete it")
                 )
     return problems
 
@@ -436,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["update", "build", "check"])
     parser.add_argument("notebooks", nargs="*", help="stems or file names; default: all")
-    parser.add_argument("--root", type=Path, default=REPO, help="the repository (default: this one)")
+    parser.add_argument("--root", type=Path, default=REPO, help="the repository (default: ours)")
     args = parser.parse_args(argv)
     edition = Edition(args.root.resolve())
     notebooks = edition.notebooks(args.notebooks)
