@@ -277,3 +277,19 @@ def test_update_is_deterministic_and_idempotent(copy):
     text = po_path.read_bytes()
     zh.update(copy, copy.notebooks())
     assert po_path.read_bytes() == text
+
+
+def test_readme_zh_lists_every_notebook_with_zh_links():
+    readme = (REPO / "README.zh.md").read_text(encoding="utf-8")
+    colab = "https://colab.research.google.com/github/nnx-ckpt-widgets/nnx-ckpt-widgets/blob/main"
+    binder = "https://mybinder.org/v2/gh/nnx-ckpt-widgets/nnx-ckpt-widgets/main"
+    missing = [
+        nb.name
+        for nb in ENGLISH
+        if f"(notebooks/zh/{nb.name})" not in readme
+        or f"{colab}/notebooks/zh/{nb.name})" not in readme
+        or f"{binder}?labpath=notebooks%2Fzh%2F{nb.name})" not in readme
+    ]
+    assert not missing, f"README.zh.md has no row with zh links for {missing}"
+    assert "(README.zh.md)" in (REPO / "README.md").read_text(encoding="utf-8")
+    assert "(README.md)" in readme
