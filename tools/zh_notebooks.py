@@ -170,7 +170,9 @@ def _cell_indices(entry: polib.POEntry) -> set[int]:
     return {int(line) for _, line in entry.occurrences if str(line).isdigit()}
 
 
-def synced_po(notebook_name: str, cells: Sequence[tuple[int, str]], old: polib.POFile | None):
+def synced_po(
+    notebook_name: str, cells: Sequence[tuple[int, str]], old: polib.POFile | None
+) -> polib.POFile:
     """The ``.po`` file for a notebook whose markdown cells are ``cells``, given the old one.
 
     Args:
