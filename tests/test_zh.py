@@ -293,3 +293,10 @@ def test_readme_zh_lists_every_notebook_with_zh_links():
     assert not missing, f"README.zh.md has no row with zh links for {missing}"
     assert "(README.zh.md)" in (REPO / "README.md").read_text(encoding="utf-8")
     assert "(README.md)" in readme
+
+
+def test_code_of_reads_fences_wrapped_spans_and_double_backticks():
+    text = (
+        "Run `a\nb` and ``x `y` z``:\n\n```\npython -m `tool`\n```\n\nthen `c`; a lone ` stays."
+    )
+    assert zh.code_of(text) == ["```\npython -m `tool`\n```", "`a\nb`", "``x `y` z``", "`c`"]

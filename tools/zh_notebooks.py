@@ -371,7 +371,17 @@ def translation_problems(
     return problems
 
 
-_CODE_SPAN = re.compile(r"`[^`\n]+`")
+# Fenced blocks, then inline spans (of any number of backticks). A span may wrap across lines
+# (CommonMark reads the line break as a space), so code is compared with whitespace collapsed.
+_FENCE = re.compile(r"^(`{3,})[^\n]*\n.*?^\1[ \t]*$", re.M | re.S)
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
+_SPACES = re.compile(r"\s+")
+
+
+def code_of(markdown: str) -> list[str]:
+    """The fenced blocks and inline code spans of a markdown text, in order."""
+    fences = [m.group(0) for m in _FENCE.finditer(markdown)]
+    return fences + [m.group(0) for m in _CODE_SPAN.finditer(_FENCE.sub(" ", markdown))]
 _URL = re.compile(r"https?://[^\s)\]>]+")
 # Colab and Binder links of an English notebook point at its zh twin in the translation.
 _TO_ZH = [
@@ -401,7 +411,12 @@ def dropped_problems(edition: Edition, notebook: Path, po: polib.POFile | None) 
     for entry in po:
         if entry.obsolete or not entry.msgstr or entry.msgid not in indices:
             continue
-        lost = [s for s in dict.fromkeys(_CODE_SPAN.findall(entry.msgid)) if s not in entry.msgstr]
+        flat = _SPACES.sub(" ", entry.msgstr)
+        lost = [
+            s
+            for s in dict.fromkeys(code_of(entry.msgid))
+            if _SPACES.sub(" ", s) not in flat
+        ]
         lost += [
             zh_url(u)
             for u in dict.fromkeys(_URL.findall(entry.msgid))
