@@ -74,7 +74,7 @@ def test_code_cells_outputs_and_metadata_are_the_english_ones(zh_notebook: Path)
     )
     assert [c["cell_type"] for c in chinese["cells"]] == [c["cell_type"] for c in english["cells"]]
     translated = 0
-    for en, cn in zip(english["cells"], chinese["cells"]):
+    for en, cn in zip(english["cells"], chinese["cells"], strict=True):
         if en["cell_type"] == "markdown":
             assert cn["id"] == en["id"] and cn["metadata"] == en["metadata"]
             translated += cn["source"] != en["source"]
