@@ -329,6 +329,10 @@ class SafetensorsLayout:
         out = []
         for request in requests:
             value = values[".".join(request.stored_path)]
+            if request.host:
+                import numpy as np
+
+                value = np.asarray(value)
             if str(value.dtype) != request.dtype:
                 value = value.astype(request.dtype)
             out.append(value)
