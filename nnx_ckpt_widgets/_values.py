@@ -17,18 +17,20 @@ in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from nnx_ckpt_widgets.errors import CorruptCheckpointError
 from nnx_ckpt_widgets.layouts import Location, ReadRequest
 from nnx_ckpt_widgets.metadata import LeafInfo
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Kind = Literal["float", "int", "bool", "key", "other"]
 Progress = Callable[[int, int], None]
@@ -102,6 +104,7 @@ class ArrayDiff:
         and ``b`` is not; NaN when either holds NaN or Inf; None for keys.
       max_abs: the largest ``|a - b|``; None for keys.
       nan_a, nan_b: NaN counts on each side; inf_a, inf_b: ±Inf counts.
+      norm_a, norm_diff: ``||a||`` and ``||a - b||`` (None when identical, or for keys).
     """
 
     key: str
@@ -114,6 +117,8 @@ class ArrayDiff:
     nan_b: int = 0
     inf_a: int = 0
     inf_b: int = 0
+    norm_a: float | None = None
+    norm_diff: float | None = None
 
     @property
     def nan_appeared(self) -> bool:
@@ -131,6 +136,8 @@ class ArrayDiff:
 
 
 def kind_of(dtype: np.dtype) -> Kind:
+    import numpy as np
+
     if dtype == np.bool_:
         return "bool"
     if np.issubdtype(dtype, np.integer):
@@ -159,6 +166,8 @@ class _Moments:
 
     def add(self, x: np.ndarray) -> None:
         """Add a float64 chunk (overwritten: it becomes the deviations)."""
+        import numpy as np
+
         n = x.size
         if n == 0:
             return
@@ -181,6 +190,7 @@ class _Moments:
 
 
 def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+
     flat = array.reshape(-1)
     for start in range(0, flat.size, CHUNK):
         yield flat[start : start + CHUNK]
@@ -188,6 +198,8 @@ def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
 
 def _finite_chunk(chunk: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     """The chunk's finite values and its NaN, +Inf and -Inf counts."""
+    import numpy as np
+
     lo, hi = chunk.min(), chunk.max()
     if np.isfinite(lo) and np.isfinite(hi):
         return chunk, 0, 0, 0
@@ -209,6 +221,8 @@ def array_stats(
         ``uint32`` data, the key being its last axis or axes).
       dtype: the dtype name to report (the stored one), when not ``array``'s own.
     """
+    import numpy as np
+
     impl = key_impl or _typed_key_impl(array)
     if impl is not None:
         shape = tuple(np.shape(array))
@@ -281,6 +295,8 @@ def array_diff(key: str, a: Any, b: Any, *, keys: bool = False) -> ArrayDiff:
       a, b: the two arrays; typed PRNG keys are compared through their data.
       keys: the arrays hold PRNG key data: only bit identity is reported.
     """
+    import numpy as np
+
     a, b = _key_data(a), _key_data(b)
     is_key = keys or _typed_key_impl(a) is not None
     a, b = np.asarray(a), np.asarray(b)
@@ -333,10 +349,26 @@ def array_diff(key: str, a: Any, b: Any, *, keys: bool = False) -> ArrayDiff:
         rel = math.inf if dd > 0 else 0.0
     else:
         rel = math.sqrt(dd) / math.sqrt(aa)
-    return ArrayDiff(key, shape, dtype, False, rel, max_abs, *counts)
+    nan_a, nan_b, inf_a, inf_b = counts
+    return ArrayDiff(
+        key,
+        shape,
+        dtype,
+        identical=False,
+        rel_change=rel,
+        max_abs=max_abs,
+        nan_a=nan_a,
+        nan_b=nan_b,
+        inf_a=inf_a,
+        inf_b=inf_b,
+        norm_a=math.sqrt(aa),
+        norm_diff=math.sqrt(dd),
+    )
 
 
 def _bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
+    import numpy as np
+
     if a.size == 0:
         return True
     va = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -397,6 +429,8 @@ def iter_arrays(
     Raises:
       CorruptCheckpointError: the layout could not read a batch, or returned another shape.
     """
+    import numpy as np
+
     from nnx_ckpt_widgets.restore import read_batches
 
     items = list(zip(leaves, read_requests(leaves), strict=True))
@@ -443,10 +477,8 @@ def iter_arrays(
         stop.set()
         # Drain so that a reader blocked on a full queue can finish.
         while thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 results.get(timeout=0.05)
-            except queue.Empty:
-                pass
         thread.join()
 
 
@@ -492,7 +524,9 @@ def select_leaves(
     return chosen, len(leaves) - len(chosen)
 
 
-def progress_callback(progress: ProgressArg, what: str) -> tuple[Progress | None, Callable[[], None]]:
+def progress_callback(
+    progress: ProgressArg, what: str
+) -> tuple[Progress | None, Callable[[], None]]:
     """The ``progress`` argument as a callback, and a function to call when done.
 
     ``None`` shows a tqdm bar when stderr is a terminal, ``True`` always, ``False`` never;
@@ -512,9 +546,7 @@ def progress_callback(progress: ProgressArg, what: str) -> tuple[Progress | None
 
     def update(done: int, total: int) -> None:
         if not bars:
-            bars.append(
-                tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024)
-            )
+            bars.append(tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024))
         bars[0].update(done - bars[0].n)
 
     def close() -> None:

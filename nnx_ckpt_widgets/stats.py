@@ -256,16 +256,18 @@ def merge(group: Sequence[ArrayStats]) -> ArrayStats:
 
 def fold_entries(entries: Sequence[Any], signature: Any) -> list[tuple[str, list[Any]]]:
     """Fold entries (with a ``key``) whose keys differ only in layer indices and whose
-    ``signature(entry)`` agree; keep the others one per row."""
-    by_path = {_keypaths.split(e.key): e for e in entries}
+    ``signature(entry)`` agree, in order of first appearance: ``layers/{0..1}/kernel``
+    unchanged and ``layers/{2..3}/kernel`` changed make two rows."""
+    by_signature: dict[Any, list[Any]] = {}
+    for entry in entries:
+        by_signature.setdefault(signature(entry), []).append(entry)
+    order = {e.key: n for n, e in enumerate(entries)}
     rows: list[tuple[str, list[Any]]] = []
-    for pattern, members in _keypaths.fold(by_path):
-        group = [by_path[m] for m in members]
-        if len({signature(g) for g in group}) == 1:
-            rows.append((pattern, group))
-        else:
-            rows.extend((g.key, [g]) for g in group)
-    return rows
+    for members in by_signature.values():
+        by_path = {_keypaths.split(e.key): e for e in members}
+        for pattern, paths in _keypaths.fold(by_path):
+            rows.append((pattern, [by_path[p] for p in paths]))
+    return sorted(rows, key=lambda row: order[row[1][0].key])
 
 
 def member_names(group: Sequence[str], members: Sequence[str], limit: int = 4) -> str:
@@ -336,12 +338,8 @@ def stats_of(
     callback, close = progress_callback(progress, "stats")
     entries = []
     try:
-        for leaf, array in iter_arrays(
-            location, leaves, progress=callback, where=info_where(info)
-        ):
-            entries.append(
-                array_stats(leaf.name, array, key_impl=leaf.key_impl, dtype=leaf.dtype)
-            )
+        for leaf, array in iter_arrays(location, leaves, progress=callback, where=info_where(info)):
+            entries.append(array_stats(leaf.name, array, key_impl=leaf.key_impl, dtype=leaf.dtype))
             del array
     finally:
         close()
