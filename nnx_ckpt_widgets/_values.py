@@ -417,7 +417,7 @@ def iter_arrays(
     leaves: Sequence[LeafInfo],
     *,
     progress: Progress | None = None,
-    batch_bytes: int = BATCH_BYTES,
+    batch_bytes: int | None = None,
     where: str = "",
 ) -> Iterator[tuple[LeafInfo, np.ndarray]]:
     """Yield ``(leaf, array)`` for each leaf, in order, reading in bounded batches.
@@ -434,7 +434,8 @@ def iter_arrays(
     from nnx_ckpt_widgets.restore import read_batches
 
     items = list(zip(leaves, read_requests(leaves), strict=True))
-    batches = read_batches(items, batch_bytes, size=lambda item: item[0].nbytes)
+    limit = BATCH_BYTES if batch_bytes is None else batch_bytes
+    batches = read_batches(items, limit, size=lambda item: item[0].nbytes)
     total = sum(leaf.nbytes for leaf in leaves)
     if progress is not None:
         progress(0, total)
