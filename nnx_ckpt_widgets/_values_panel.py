@@ -249,12 +249,16 @@ def _array_output(leaf: LeafInfo, array: Any) -> dict[str, Any]:
     text = f"{leaf.name}: {_text.shape_text(leaf.shape)} {leaf.dtype}"
     html = None
     if leaf.key_impl is None and array.ndim > 0 and array.size > 0:
+        import warnings
+
         import treescope
 
         try:
-            html = treescope.render_array(
-                array, truncate=True, maximum_size=ARRAY_CELLS
-            )._repr_html_()
+            # An all-NaN array makes NumPy warn inside treescope's colour scale: not news here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                figure = treescope.render_array(array, truncate=True, maximum_size=ARRAY_CELLS)
+                html = figure._repr_html_()
         except Exception:  # treescope cannot draw every dtype (complex, keys): text only
             html = None
     if html is None:
