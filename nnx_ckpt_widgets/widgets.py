@@ -285,7 +285,7 @@ class CheckpointBrowser(w.VBox):
         lines.append("tree:")
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
         if self.values.stats_report is not None or self.values.diff_report is not None:
-            lines.append(self.values.text())
+            lines.append(f"values: {self.values.status}")
         if self.panel is not None:
             report = self.panel.report
             lines.append(f"load report: {_text.count_text(report.counts)}")

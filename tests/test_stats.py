@@ -186,6 +186,20 @@ def test_state_checkpoint_v1_and_manager_roots(tmp_path):
     assert nw.stats(root, step=1, progress=False).step == 1
 
 
+def test_safetensors_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "model.embed.weight": np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32),
+        "model.steps": np.array([3, 0, 7], np.int32),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    report = nw.stats(tmp_path / "model.safetensors", progress=False)
+    check_float(report["model/embed/weight"], tensors["model.embed.weight"])
+    steps = report["model/steps"]
+    assert (steps.kind, steps.min, steps.max, steps.zeros) == ("int", 0, 7, 1)
+
+
 def test_select_reads_only_the_selected_arrays(zoo, monkeypatch):
     read: list[tuple] = []
     real = _values.read_requests
