@@ -83,7 +83,7 @@ class ValuesPanel(w.VBox):
         self.progress = w.HBox(
             [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
         )
-        self.progress.add_class("nnx-ckpt-progress")
+        self.progress.add_class("nnx-ckpt-values-progress")
         self.status_html = w.HTML()
         self.result_html = w.HTML()
         self.array_output = w.Output(layout=w.Layout(max_height="420px"))
@@ -166,7 +166,7 @@ class ValuesPanel(w.VBox):
         done, total = self._progress
         self.bar.value = done / total if total else 0.0
         self.bar_text.value = (
-            '<span class="nnx-ckpt-text nnx-ckpt-progress-text">'
+            '<span class="nnx-ckpt-text nnx-ckpt-values-progress-text">'
             f"{_text.human_bytes(done)} of {_text.human_bytes(total)} · {elapsed:.1f} s</span>"
         )
         self.progress.layout.display = "flex"
@@ -202,7 +202,7 @@ class ValuesPanel(w.VBox):
     def _set_status(self, state: str, text: str) -> None:
         self.status = text
         self.status_html.value = (
-            f'<div class="nnx-ckpt-status nnx-ckpt-text" data-state="{esc(state)}">'
+            f'<div class="nnx-ckpt-values-status nnx-ckpt-text" data-state="{esc(state)}">'
             f"{esc(_text.clip(text, 400))}</div>"
         )
 
