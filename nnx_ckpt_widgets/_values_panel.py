@@ -67,13 +67,16 @@ class ValuesPanel(w.VBox):
         self.values_button.add_class("nnx-ckpt-values")
         self.values_button.layout.width = "auto"
         self.values_button.on_click(self._values_clicked)
+        # The button carries the words, the list only the steps: in a narrow notebook each
+        # wraps to a line of its own instead of squeezing a labelled list.
         self.other_step = w.Dropdown(
-            description="compare with step",
-            style={"description_width": "initial"},
-            layout=w.Layout(width="auto"),
+            tooltip="the step to compare the shown step with",
+            layout=w.Layout(width="auto", max_width="100%"),
         )
         self.diff_button = w.Button(
-            description="Diff", icon="exchange", tooltip="diff this step against the chosen one"
+            description="compare with step",
+            icon="exchange",
+            tooltip="diff the shown step against the chosen one",
         )
         self.diff_button.add_class("nnx-ckpt-diff-button")
         self.diff_button.layout.width = "auto"
@@ -105,7 +108,7 @@ class ValuesPanel(w.VBox):
             self.other_step.value = before[-1] if before else others[0]
         children: list[w.Widget] = [self.values_button]
         if others:
-            children += [self.other_step, self.diff_button]
+            children += [self.diff_button, self.other_step]
         self.actions.children = [*children, self.progress]
         self.stats_report = self.diff_report = self.array = self.error = None
         self.result_html.value = ""
