@@ -207,3 +207,22 @@ def test_property_diff_of_random_trees(tmp_path_factory, pair):
         assert math.isclose(d.rel_change, want, rel_tol=1e-9)
         assert d.max_abs == np.abs(x64 - y64).max()
     assert report.unchanged == [k for k in tree_a if tree_a[k].tobytes() == tree_b[k].tobytes()]
+
+
+def test_v1_training_checkpointer_root(tmp_path, capsys):
+    """Two steps of an Orbax v1 ``training.Checkpointer`` root, through the library and CLI."""
+    from orbax.checkpoint import v1
+
+    root = tmp_path / "v1run"
+    first = {"w": np.arange(6, dtype=np.float32), "frozen": np.ones(3, np.float32)}
+    second = {"w": first["w"] * 2, "frozen": first["frozen"]}
+    with v1.training.Checkpointer(root) as checkpointer:
+        checkpointer.save(1, first)
+        checkpointer.save(2, second)
+    report = nw.diff(root, steps=(1, 2), progress=False)
+    assert report.unchanged == ["frozen"] and report.changed == ["w"]
+    w = next(e.diff for e in report.entries if e.key == "w")
+    assert math.isclose(w.rel_change, 1.0) and w.max_abs == 5.0
+    assert main(["stats", str(root), "--step", "1", "--select", "^w$", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["step"] == 1 and data["entries"][0]["max"] == 5.0
