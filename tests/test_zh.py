@@ -296,7 +296,5 @@ def test_readme_zh_lists_every_notebook_with_zh_links():
 
 
 def test_code_of_reads_fences_wrapped_spans_and_double_backticks():
-    text = (
-        "Run `a\nb` and ``x `y` z``:\n\n```\npython -m `tool`\n```\n\nthen `c`; a lone ` stays."
-    )
+    text = "Run `a\nb` and ``x `y` z``:\n\n```\npython -m `tool`\n```\n\nthen `c`; a lone ` stays."
     assert zh.code_of(text) == ["```\npython -m `tool`\n```", "`a\nb`", "``x `y` z``", "`c`"]

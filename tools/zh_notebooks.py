@@ -382,6 +382,8 @@ def code_of(markdown: str) -> list[str]:
     """The fenced blocks and inline code spans of a markdown text, in order."""
     fences = [m.group(0) for m in _FENCE.finditer(markdown)]
     return fences + [m.group(0) for m in _CODE_SPAN.finditer(_FENCE.sub(" ", markdown))]
+
+
 _URL = re.compile(r"https?://[^\s)\]>]+")
 # Colab and Binder links of an English notebook point at its zh twin in the translation.
 _TO_ZH = [
@@ -412,11 +414,7 @@ def dropped_problems(edition: Edition, notebook: Path, po: polib.POFile | None) 
         if entry.obsolete or not entry.msgstr or entry.msgid not in indices:
             continue
         flat = _SPACES.sub(" ", entry.msgstr)
-        lost = [
-            s
-            for s in dict.fromkeys(code_of(entry.msgid))
-            if _SPACES.sub(" ", s) not in flat
-        ]
+        lost = [s for s in dict.fromkeys(code_of(entry.msgid)) if _SPACES.sub(" ", s) not in flat]
         lost += [
             zh_url(u)
             for u in dict.fromkeys(_URL.findall(entry.msgid))
