@@ -203,3 +203,21 @@ def test_the_check_can_be_skipped(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0.11.2"
+
+
+def test_readme_table_matches_both_constraints_files_and_pyproject() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Supported versions", 1)[1].split("\n\n| package |", 1)[1]
+    rows = [line for line in table.split("\n\n", 1)[0].splitlines() if line.startswith("| ")]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:5]] for r in rows}
+    ranges, oldest, newest = (
+        _pyproject_ranges(),
+        _constraints("constraints-oldest.txt"),
+        _constraints("constraints.txt"),
+    )
+    assert set(cells) == {"Python", *ranges}
+    for name, spec in ranges.items():
+        assert cells[name] == [oldest[name], newest[name], f"`{spec}`"], name
+    python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert cells["Python"][0] == python.removeprefix(">=")
+    assert cells["Python"][2] == f"`{python}`"
