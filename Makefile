@@ -13,7 +13,7 @@ OLDEST ?= .venv-oldest
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
-	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval and browser tests"
+	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval, browser tests, then test-oldest"
 	@echo "make test-oldest - run the unit tests on the oldest supported versions ($(OLDEST))"
 	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
 
