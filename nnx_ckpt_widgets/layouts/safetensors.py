@@ -309,8 +309,8 @@ class SafetensorsLayout:
             abstract = jax.ShapeDtypeStruct(tensor.shape, stored, sharding=request.sharding)
             wanted.setdefault(str(tensor.file), {})[name] = abstract
         values: dict[str, Any] = {}
-        # The constructor argument, not the attribute: Orbax 0.11 has no setter for it.
-        context = v1.Context(checkpoint_layout=v1.options.CheckpointLayout.SAFETENSORS)
+        context = v1.Context()
+        context.checkpoint_layout = v1.options.CheckpointLayout.SAFETENSORS
         try:
             with context, warnings.catch_warnings():
                 # A 64-bit tensor on 32-bit JAX: JAX narrows it and warns; the report already
