@@ -9,13 +9,14 @@ PYTEST := $(BIN)/python -m pytest
 # The floor: the oldest versions pyproject.toml admits, pinned in constraints-oldest.txt.
 OLDEST ?= .venv-oldest
 
-.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium clean
+.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium zh clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
 	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval, browser tests, then test-oldest"
 	@echo "make test-oldest - run the unit tests on the oldest supported versions ($(OLDEST))"
 	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
+	@echo "make zh     - sync notebooks/zh/po/*.po with the English notebooks, then build notebooks/zh/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +59,11 @@ $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 test-oldest: $(OLDEST)/.installed
 	NNX_CKPT_CONSTRAINTS=constraints-oldest.txt $(OLDEST)/bin/python -m pytest tests -m "not browser"
 
-# Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg.
+# Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg. The Chinese
+# edition too: nbval starts each kernel in the notebook's folder, and notebooks/zh/scripts
+# links to ../scripts, so the zh notebooks find what the English ones find.
 nbval: $(VENV)/.test-installed
-	$(PYTEST) --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(PYTEST) --nbval notebooks/*.ipynb notebooks/zh/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser: $(VENV)/.test-installed
 	$(PYTEST) tests -m browser
@@ -83,6 +86,13 @@ chromium:
 	    echo "WARNING: chromium is missing and cannot be installed here: browser tests will be skipped"; \
 	  fi; \
 	fi
+
+# The Chinese edition (notebooks/zh/README.md): add new English markdown cells to the .po
+# files (changed ones become fuzzy), then regenerate every zh notebook whose translation is
+# complete. It fails, listing what to translate, while any translation is incomplete.
+zh: $(VENV)/.test-installed
+	$(BIN)/python tools/zh_notebooks.py update
+	$(BIN)/python tools/zh_notebooks.py build
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache .hypothesis build *.egg-info
