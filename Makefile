@@ -6,12 +6,15 @@ BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 LAB_PORT ?= 8888
 PYTEST := $(BIN)/python -m pytest
+# The floor: the oldest versions pyproject.toml admits, pinned in constraints-oldest.txt.
+OLDEST ?= .venv-oldest
 
-.PHONY: help lab test lint typecheck unit nbval browser bench bench-smoke chromium zh clean
+.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium zh clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
-	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval and browser tests"
+	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval, browser tests, then test-oldest"
+	@echo "make test-oldest - run the unit tests on the oldest supported versions ($(OLDEST))"
 	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
 	@echo "make zh     - sync notebooks/zh/po/*.po with the English notebooks, then build notebooks/zh/"
 
@@ -23,7 +26,7 @@ $(VENV)/.lab-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP_INSTALL) -e '.[notebook,test]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 # Root (as in a container) needs --allow-root; JupyterLab listens on localhost only.
@@ -32,7 +35,7 @@ lab: $(VENV)/.lab-installed
 	  --ServerApp.port_retries=50 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: $(VENV)/.test-installed chromium
-	$(MAKE) lint typecheck unit nbval browser bench-smoke
+	$(MAKE) lint typecheck unit nbval browser bench-smoke test-oldest
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
@@ -43,7 +46,18 @@ typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
 
 unit: $(VENV)/.test-installed
-	$(PYTEST) tests -m "not browser"
+	NNX_CKPT_CONSTRAINTS=constraints.txt $(PYTEST) tests -m "not browser"
+
+# Only what the unit tests need (the `test` extra), at the floor. The notebooks stay pinned to
+# the newest versions (their stored outputs come from them), so nbval does not run here.
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --disable-pip-version-check -q -c constraints-oldest.txt \
+	  -e '.[test]'
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	NNX_CKPT_CONSTRAINTS=constraints-oldest.txt $(OLDEST)/bin/python -m pytest tests -m "not browser"
 
 # Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg. The Chinese
 # edition too: nbval starts each kernel in the notebook's folder, and notebooks/zh/scripts
@@ -81,4 +95,4 @@ zh: $(VENV)/.test-installed
 	$(BIN)/python tools/zh_notebooks.py build
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -111,7 +111,7 @@ def run_python(code: str, env: dict[str, str] | None = None) -> str:
 def machine_facts() -> dict[str, Any]:
     packages = ("flax", "jax", "jaxlib", "orbax-checkpoint", "treescope", "ipywidgets", "numpy")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from nnx_ckpt_widgets import _versions
 from nnx_ckpt_widgets.compare import KeyStatus, LoadReport, compare
 from nnx_ckpt_widgets.diff import ArrayDiff, DiffEntry, DiffReport, diff
 from nnx_ckpt_widgets.errors import (
@@ -24,6 +25,10 @@ from nnx_ckpt_widgets.errors import (
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
 from nnx_ckpt_widgets.restore import apply_report, load, restore
 from nnx_ckpt_widgets.stats import ArrayStats, StatsReport, stats
+
+# The modules above import no JAX, Flax or Orbax, so this runs before any of them could fail
+# deep inside with an AttributeError: a dependency out of the tested range is one ImportError.
+_versions.check()
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.widgets import CheckpointBrowser, SideBySide, compare_states

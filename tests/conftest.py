@@ -217,7 +217,11 @@ def assert_same_arrays(expected: Any, actual: Any) -> None:
     for path in a:
         assert a[path][1] == b[path][1], path
         assert a[path][0].dtype == b[path][0].dtype, path
-        np.testing.assert_array_equal(a[path][0], b[path][0], err_msg=str(path), strict=True)
+        x, y = a[path][0], b[path][0]
+        assert x.shape == y.shape, path
+        if x.tobytes() != y.tobytes():  # bit for bit: NaN payloads and -0.0 count
+            np.testing.assert_array_equal(x, y, err_msg=str(path), strict=True)
+            raise AssertionError(f"{path}: equal values, different bits")
 
 
 # --- session checkpoints (read-only) --------------------------------------------------------

@@ -193,7 +193,8 @@ def test_inspect_lists_every_array_with_shape_dtype_bytes_and_sharding(mlp_state
     assert kernel.shape == (3, 4)
     assert kernel.dtype == "float32"
     assert kernel.nbytes == 3 * 4 * 4
-    assert kernel.sharding == str(jax.devices()[0]) == "cpu:0"
+    # As JAX spells the device: "cpu:0" from 0.10 on, "TFRT_CPU_0" in 0.9.
+    assert kernel.sharding == str(jax.devices()[0])
     assert kernel.stored_path == ("linear1", "kernel", "value")
     arrays = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
     assert info.num_params == sum(a.size for a in arrays) == 26
@@ -242,7 +243,8 @@ def test_str_is_a_summary_table_that_folds_layers(ckpt_dir, mlp_state_ckpt):
     header = next(line for line in lines if line.startswith("key"))
     assert header.split() == ["key", "shape", "dtype", "params", "bytes", "sharding"]
     row = next(line for line in lines if line.startswith("linear1/kernel"))
-    assert row.split() == ["linear1/kernel", "(3,", "4)", "float32", "12", "48", "B", "cpu:0"]
+    device = str(jax.devices()[0])
+    assert row.split() == ["linear1/kernel", "(3,", "4)", "float32", "12", "48", "B", device]
 
 
 def test_repr_html_escapes_names(tmp_path):
@@ -345,7 +347,7 @@ def test_manager_single_item_needs_no_item(tmp_path):
 
 def _strip_commit(folder: Path) -> None:
     """Make ``folder`` look like a save that stopped before it was committed."""
-    (folder / "commit_success.txt").unlink()
+    (folder / "commit_success.txt").unlink(missing_ok=True)  # none from Orbax 0.12.0
     metadata_file = folder / "_CHECKPOINT_METADATA"
     metadata = json.loads(metadata_file.read_text())
     metadata.pop("commit_timestamp_nsecs")
