@@ -387,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     # SIGTERM to the launcher unwinds like Ctrl-C, so run() kills the processes it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # A launcher started in the background of a script inherits an ignored SIGINT; Ctrl-C (or
+    # kill -INT) must still stop it and every process it started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run(
             ns.script,

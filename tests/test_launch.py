@@ -133,13 +133,18 @@ def test_exit_code_is_the_worst_one(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.multiprocess
-def test_interrupt_kills_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inherited_ignore", [False, True], ids=["terminal", "background-job"])
+def test_interrupt_kills_every_process(tmp_path: Path, inherited_ignore: bool) -> None:
+    # A job started with & in a non-interactive shell inherits an ignored SIGINT.
     script = write_script(tmp_path, "time.sleep(300)\n")
     launcher = subprocess.Popen(
         [*LAUNCH, "--num-processes", "2", str(script), str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if inherited_ignore
+        else None,
     )
     deadline = time.monotonic() + 30
     while len(recorded_pids(tmp_path)) < 2 and time.monotonic() < deadline:
