@@ -135,17 +135,13 @@ def test_exit_code_is_the_worst_one(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("inherited_ignore", [False, True], ids=["terminal", "background-job"])
 def test_interrupt_kills_every_process(tmp_path: Path, inherited_ignore: bool) -> None:
-    # A job started with & in a non-interactive shell inherits an ignored SIGINT.
+    # A job started with & in a non-interactive shell inherits an ignored SIGINT: the shell's
+    # `trap '' INT` then `exec` gives the launcher exactly that, under the same pid.
     script = write_script(tmp_path, "time.sleep(300)\n")
-    launcher = subprocess.Popen(
-        [*LAUNCH, "--num-processes", "2", str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-        if inherited_ignore
-        else None,
-    )
+    command = [*LAUNCH, "--num-processes", "2", str(script), str(tmp_path)]
+    if inherited_ignore:
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while len(recorded_pids(tmp_path)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
