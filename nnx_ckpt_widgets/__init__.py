@@ -18,6 +18,7 @@ from nnx_ckpt_widgets.errors import (
     IncompleteCheckpointError,
     InvalidArgumentError,
     ItemSelectionError,
+    StorageError,
     UnknownLayoutError,
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
@@ -53,6 +54,7 @@ __all__ = [
     "LoadReport",
     "SideBySide",
     "StepInfo",
+    "StorageError",
     "UnknownLayoutError",
     "__version__",
     "apply_report",

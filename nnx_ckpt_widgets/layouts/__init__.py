@@ -63,10 +63,7 @@ def locate(
     listing = _storage.listdir(root)
     if listing is None:
         if not _storage.exists(root):
-            raise CheckpointNotFoundError(
-                f"No checkpoint at {root}: the path does not exist; check the spelling or the "
-                "working directory."
-            )
+            raise _storage.not_found(root)
         listing = _storage.Listing(root, frozenset(), frozenset(), is_file=True)
         for layout in LAYOUTS:
             if layout.matches(listing):
