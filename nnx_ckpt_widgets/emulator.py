@@ -52,6 +52,8 @@ _ENV_TOKEN = {
     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     "NO_GCE_CHECK": "true",
+    # gcsfs in processes started from this one: no credentials to look for (fsspec reads it).
+    "FSSPEC_GS_TOKEN": "anon",
 }
 _URL_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
 _REQUEST_LINE = re.compile(r'\\"([A-Z]+) (\S+) HTTP/[\d.]+\\" (\d{3})')
