@@ -222,6 +222,15 @@ def read_range(path: Any, offset: int, length: int) -> bytes:
     return bytes(result.value)
 
 
+_ABANDONED: list[threading.Thread] = []
+
+
+def abandoned() -> list[threading.Thread]:
+    """The guarded reads given up on that are still running (Orbax retrying on its own)."""
+    _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()]
+    return list(_ABANDONED)
+
+
 def guarded(path: Any, fn: Callable[[], T]) -> T:
     """Run ``fn`` (an Orbax or TensorStore read of ``path``) under the watchdog.
 
@@ -248,6 +257,7 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
     worker.start()
     worker.join(timeout())
     if not outcome:
+        _ABANDONED.append(worker)
         raise StorageError(
             f"Cannot read {path}: the bucket did not answer within {timeout():g} s; check the "
             f"network and the bucket (set {TIMEOUT_ENV} to wait longer)."

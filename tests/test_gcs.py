@@ -70,9 +70,13 @@ def bucket(gcs) -> str:
 
 @pytest.fixture
 def running(gcs):
-    """The emulator, restarted after a test that stopped it."""
+    """The emulator, restarted after a test that stopped it, once the reads that were given up
+    on have ended (Orbax keeps retrying them in the background; they succeed once it is back)."""
     yield gcs
     gcs.start()
+    for thread in _bucket.abandoned():
+        thread.join(90)
+        assert not thread.is_alive(), "an abandoned read still runs after the server came back"
 
 
 def fs():
