@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "path",
             help="an Orbax checkpoint (v0 or v1), a root of steps, a step folder, or "
-            "safetensors (a file, or a folder of shards with their index)",
+            "safetensors (a file, or a folder of shards with their index); local or gs://",
         )
         sub.add_argument("--step", type=int, help="step under a root of steps (default: latest)")
         sub.add_argument("--item", help="item (checkpointable) to read, e.g. model")

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from nnx_ckpt_widgets.errors import CheckpointError, StorageError, first_line
+from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, StorageError, first_line
 
 SCHEME = "gs://"
 TIMEOUT_ENV = "NNX_CKPT_GCS_TIMEOUT"
@@ -66,8 +66,10 @@ def as_path(text: str) -> Any:
         ) from err
     from etils import epath
 
-    if text.rstrip("/") == SCHEME.rstrip("/") or not text[len(SCHEME) :].strip("/"):
-        raise StorageError(f"Cannot read {text}: the URL names no bucket; pass gs://BUCKET/PATH.")
+    if not text[len(SCHEME) :].strip("/"):
+        raise InvalidArgumentError(
+            f"Cannot read {text}: the URL names no bucket; pass gs://BUCKET/PATH."
+        )
     return epath.Path(text.rstrip("/"))
 
 

@@ -12,10 +12,12 @@ shown and in every error, and is never turned into a local path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +29,23 @@ from nnx_ckpt_widgets.errors import CheckpointNotFoundError, InvalidArgumentErro
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 T = TypeVar("T")
 R = TypeVar("R")
+# Small files already read during one look at a checkpoint (see one_look): several layouts
+# may ask for the same _CHECKPOINT_METADATA, and on a bucket each read is a request.
+_SEEN: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar(
+    "nnx_ckpt_seen", default=None
+)
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[None]:
+    """Within the block, each small file is read once (the checkpoint is taken as it was when
+    first read); what fails to read is not remembered."""
+    token = _SEEN.set({})
+    try:
+        yield
+    finally:
+        _SEEN.reset(token)
+
 
 AnyPath = Any  # pathlib.Path, or an etils.epath.Path for a URL
 
@@ -130,9 +149,14 @@ def is_file(path: AnyPath) -> bool:
 def read_bytes(path: AnyPath) -> bytes:
     """Read a small file whole (raises ``OSError``; ``StorageError`` for a bucket that does not
     answer)."""
-    if is_bucket(path):
-        return _bucket.read_bytes(path)
-    return Path(path).read_bytes()
+    seen = _SEEN.get()
+    key = str(path)
+    if seen is not None and key in seen:
+        return seen[key]
+    data = _bucket.read_bytes(path) if is_bucket(path) else Path(path).read_bytes()
+    if seen is not None:
+        seen[key] = data
+    return data
 
 
 def kvstore(path: AnyPath) -> dict[str, Any]:
@@ -173,7 +197,9 @@ def concurrently(path: AnyPath, fn: Callable[[R], T], items: Iterable[R]) -> lis
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
-        return list(pool.map(fn, todo))
+        # Each call in a copy of this context, so one_look() holds in the helper threads too.
+        futures = [pool.submit(contextvars.copy_context().run, fn, x) for x in todo]
+        return [future.result() for future in futures]
 
 
 def read_json(file: AnyPath, what: str) -> Any:

@@ -198,6 +198,9 @@ def test_manager_root_steps_metrics_and_one_listing_per_folder(gcs, layouts):
     assert str(info.steps[0].path) == f"{url}/1"
     # The root and each step folder listed exactly once; the item folder is never listed.
     assert traffic.listings == 1 + 3, traffic.requests
+    # Each step's _CHECKPOINT_METADATA read once, though two layouts look at the newest one.
+    metadata_reads = [r for r in traffic.requests if r.endswith("_CHECKPOINT_METADATA?alt=media")]
+    assert len(metadata_reads) == 3, traffic.requests
 
 
 def test_inspect_reads_metadata_only(gcs, bucket):
@@ -334,6 +337,11 @@ def test_missing_bucket_and_missing_objects(bucket, layouts):
     fs().rm_file(f"{url}/manifest.ocdbt")
     with pytest.raises(CorruptCheckpointError, match=f"^Checkpoint at {url} is damaged"):
         ncw.inspect(url)
+
+
+def test_a_url_without_a_bucket():
+    with pytest.raises(InvalidArgumentError, match=r"^Cannot read gs://: the URL names no bucket"):
+        ncw.inspect("gs://")
 
 
 def test_s3_gets_one_sentence_and_is_never_a_local_path():

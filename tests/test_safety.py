@@ -42,8 +42,15 @@ _WRITES = re.compile(
 )
 
 
+# The GCS emulator (tests and notebooks) keeps its objects and log in a temporary folder of its
+# own, which it creates and removes; it never writes into a checkpoint the user gave.
+_OWN_STORAGE = {"emulator.py"}
+
+
 def test_the_package_writes_no_files():
     for file in sorted(PACKAGE.glob("*.py")):
+        if file.name in _OWN_STORAGE:
+            continue
         found = _WRITES.search(file.read_text())
         assert found is None, f"{file.name} writes: {found.group(0)!r}"
 

@@ -60,6 +60,11 @@ def locate(
       InvalidArgumentError: ``step`` was given for a single checkpoint.
     """
     root = _storage.as_path(path)
+    with _storage.one_look():
+        return _locate(root, step, item)
+
+
+def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Location:
     listing = _storage.listdir(root)
     if listing is None:
         if not _storage.exists(root):
