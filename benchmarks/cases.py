@@ -513,15 +513,16 @@ def case_notebooks(tmp: Path, size: Size) -> list[Result]:
 _emulator: list = []
 
 
-def _bucket() -> str:
-    """A bucket on the GCS emulator, started once per benchmark run (TensorStore reads the
-    emulator's address once per process) and stopped when the run ends."""
+def _bucket(tmp: Path) -> str:
+    """A bucket on the GCS emulator, whose objects live in the run's temporary folder; started
+    once per benchmark run (TensorStore reads the emulator's address once per process) and
+    stopped when the run ends."""
     if not _emulator:
         import atexit
 
         from nnx_ckpt_widgets.emulator import GCSEmulator
 
-        emulator = GCSEmulator(buckets=["bench"]).start()
+        emulator = GCSEmulator(buckets=["bench"], root=tmp / "gcs").start()
         atexit.register(emulator.close)
         _emulator.append(emulator)
     return "gs://bench"
@@ -562,9 +563,9 @@ def case_bucket_many(tmp: Path, size: Size) -> list[Result]:
 
     import nnx_ckpt_widgets as nw
 
-    url = f"{_bucket()}/many"
+    url = f"{_bucket(tmp)}/many"
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(url, _many_leaf_tree(size), force=True)
+        checkpointer.save(url, _many_leaf_tree(size))
     checkpointer = ocp.StandardCheckpointer()
     assert len(nw.inspect(url)) == size.leaves
     ours, ref = alternate(lambda: nw.inspect(url), lambda: checkpointer.metadata(url), size.repeats)
@@ -584,10 +585,10 @@ def case_bucket_big(tmp: Path, size: Size) -> list[Result]:
 
     import nnx_ckpt_widgets as nw
 
-    url = f"{_bucket()}/big"
+    url = f"{_bucket(tmp)}/big"
     model_cls, names = _big_model(size)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(url, nnx.state(model_cls(names, 0)), force=True)
+        checkpointer.save(url, nnx.state(model_cls(names, 0)))
     _, abstract = _abstract_state(model_cls, names)
     checkpointer = ocp.StandardCheckpointer()
     info = nw.inspect(url)
