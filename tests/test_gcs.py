@@ -9,6 +9,7 @@ read, a bucket or an object that is not there.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 import nnx_ckpt_widgets as ncw
 from nnx_ckpt_widgets import _bucket
+from nnx_ckpt_widgets.__main__ import main
 from nnx_ckpt_widgets.emulator import GCSEmulator
 from nnx_ckpt_widgets.errors import (
     CheckpointNotFoundError,
@@ -147,7 +149,7 @@ KINDS = {
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
-def test_every_entry_point_on_every_layout(layouts, name):
+def test_every_entry_point_on_every_layout(layouts, name, capsys):
     url, kwargs, expected = layouts[name]
     for path in (url, epath.Path(url)):
         info = ncw.inspect(path, **kwargs)
@@ -164,6 +166,14 @@ def test_every_entry_point_on_every_layout(layouts, name):
 
     loaded = ncw.load(url, lambda: MLP(rngs=nnx.Rngs(7)), **kwargs)
     assert_same_arrays(expected, loaded)
+
+    cli = ["--step", str(kwargs["step"])] if "step" in kwargs else []
+    assert main(["inspect", url, "--json", *cli]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == url
+    assert main(["compare", url, "--model", "conftest:make_mlp", *cli]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"Load report for {url}")
+    assert "All 4 keys match" in report
 
     target = make_mlp(99)
     browser = ncw.CheckpointBrowser(url, target, **kwargs)
