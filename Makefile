@@ -7,12 +7,13 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 LAB_PORT ?= 8888
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help lab test lint typecheck unit nbval browser bench bench-smoke chromium openmpi clean
+.PHONY: help lab test lint typecheck unit nbval browser bench bench-smoke chromium openmpi zh clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
 	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval and browser tests"
 	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
+	@echo "make zh     - sync notebooks/zh/po/*.po with the English notebooks, then build notebooks/zh/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +45,11 @@ typecheck: $(VENV)/.test-installed
 unit: $(VENV)/.test-installed
 	$(PYTEST) tests -m "not browser"
 
-# Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg.
+# Strict nbval: every stored output is compared, after tests/nbval_sanitize.cfg. The Chinese
+# edition too: nbval starts each kernel in the notebook's folder, and notebooks/zh/scripts
+# links to ../scripts, so the zh notebooks find what the English ones find.
 nbval: $(VENV)/.test-installed
-	$(PYTEST) --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(PYTEST) --nbval notebooks/*.ipynb notebooks/zh/*.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 browser: $(VENV)/.test-installed
 	$(PYTEST) tests -m browser
@@ -81,6 +84,13 @@ openmpi:
 	    echo "WARNING: mpirun is missing and cannot be installed here: the mpirun test will be skipped"; \
 	  fi; \
 	fi
+
+# The Chinese edition (notebooks/zh/README.md): add new English markdown cells to the .po
+# files (changed ones become fuzzy), then regenerate every zh notebook whose translation is
+# complete. It fails, listing what to translate, while any translation is incomplete.
+zh: $(VENV)/.test-installed
+	$(BIN)/python tools/zh_notebooks.py update
+	$(BIN)/python tools/zh_notebooks.py build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -293,8 +293,15 @@ def case_safetensors(tmp: Path, size: Size) -> list[Result]:
     ]
 
 
+# The child's peak resident set in KiB. VmHWM, not getrusage's ru_maxrss: after fork and exec,
+# ru_maxrss keeps the parent's high-water mark, which here holds the 1 GiB test arrays.
+PEAK_KIB = (
+    "print(next(int(line.split()[1]) for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM:')))"
+)
+
 _RSS_ST_CODE = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 import jax, numpy as np
 from flax import nnx
@@ -312,7 +319,7 @@ else:
     nnx.update(model, state)
     del state
 jax.block_until_ready(model.w00[...])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+{peak}
 """
 
 
@@ -323,7 +330,9 @@ def case_safetensors_rss(tmp: Path, size: Size) -> list[Result]:
     peaks: dict[bool, list[int]] = {True: [], False: []}
     for i in range(3 if size.repeats > 1 else 1):
         for ours in (True, False) if i % 2 == 0 else (False, True):
-            code = _RSS_ST_CODE.format(repo=str(REPO), size=size_json, ours=ours, path=path)
+            code = _RSS_ST_CODE.format(
+                repo=str(REPO), size=size_json, ours=ours, path=path, peak=PEAK_KIB
+            )
             peaks[ours].append(int(run_python(code).split()[-1]))
     ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
     return [
@@ -352,7 +361,7 @@ def case_browser(tmp: Path, size: Size) -> list[Result]:
 
 
 _RSS_CODE = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 import jax, numpy as np
 from flax import nnx
@@ -368,7 +377,7 @@ else:
     import orbax.checkpoint as ocp
     model = nnx.merge(graphdef, ocp.StandardCheckpointer().restore({path!r}, abstract))
 jax.block_until_ready(model.w00[...])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+{peak}
 """
 
 
@@ -379,7 +388,9 @@ def case_rss(tmp: Path, size: Size) -> list[Result]:
     peaks: dict[bool, list[int]] = {True: [], False: []}
     for i in range(max(3, size.repeats) if size.repeats > 1 else 1):
         for ours in (True, False) if i % 2 == 0 else (False, True):
-            code = _RSS_CODE.format(repo=str(REPO), size=size_json, ours=ours, path=path)
+            code = _RSS_CODE.format(
+                repo=str(REPO), size=size_json, ours=ours, path=path, peak=PEAK_KIB
+            )
             peaks[ours].append(int(run_python(code).split()[-1]))
     ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
     return [Result(6, "peak RSS of restore", ours_kib / 1024, ref_kib / 1024, "MiB", 1.10)]
@@ -510,6 +521,129 @@ def case_notebooks(tmp: Path, size: Size) -> list[Result]:
     return results
 
 
+def big_run(tmp: Path, size: Size) -> Path:
+    """A CheckpointManager root with two steps of the "1 GiB" model: different values."""
+    if "big_run" not in _cache:
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        model_cls, names = _big_model(size)
+        root = tmp / "big_run"
+        with ocp.CheckpointManager(root) as manager:
+            for step in (1, 2):
+                state = nnx.state(model_cls(names, step))
+                manager.save(step, args=ocp.args.StandardSave(state))
+                del state
+        _cache["big_run"] = root
+    return _cache["big_run"]
+
+
+# Peak RSS is the kernel's high-water mark of this process (VmHWM), read in a fresh process.
+_VALUES_RSS_CODE = """
+import sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+if {ours!r}:
+    import nnx_ckpt_widgets as nw
+    report = nw.stats({path!r}, progress=False)
+    assert len(report) == {arrays!r} and report.ok
+else:
+    import orbax.checkpoint as ocp
+    from benchmarks.cases import Size, _big_model, _abstract_state
+    import json
+    size = Size(**json.loads({size!r}))
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    restored = ocp.StandardCheckpointer().restore({path!r}, abstract)
+    jax.block_until_ready(restored)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]))
+"""
+
+
+def case_stats(tmp: Path, size: Size) -> list[Result]:
+    """stats over the 1 GiB checkpoint vs a bare Orbax restore; its peak RSS."""
+    import orbax.checkpoint as ocp
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_checkpoint(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    checkpointer = ocp.StandardCheckpointer()
+    report = nw.stats(path, progress=False)
+    expected = model_cls(names[:1], 0).w00[...]
+    first = report["w00"]
+    assert first.min == float(expected.min()) and first.max == float(expected.max())
+    ours, ref = alternate(
+        lambda: nw.stats(path, progress=False),
+        lambda: checkpointer.restore(path, abstract),
+        size.repeats,
+    )
+    gib = size.arrays * size.side**2 * 4 / 2**30
+    largest = size.side**2 * 4 / 2**20
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for side in (True, False) if i % 2 == 0 else (False, True):
+            code = _VALUES_RSS_CODE.format(
+                repo=str(REPO), ours=side, path=str(path), arrays=size.arrays, size=size_json
+            )
+            peaks[side].append(int(run_python(code).split()[-1]))
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    limit = 2 * largest + 300
+    return [
+        Result(15, f"stats, {gib:.3g} GiB ({size.arrays} arrays)", ours, ref, target=1.3),
+        Result(
+            15,
+            "peak RSS of stats (VmHWM, fresh process each)",
+            ours_kib / 1024,
+            ref_kib / 1024,
+            "MiB",
+            target=1.0,
+            absolute_limit=limit,
+            note=f"limit: largest array x 2 + 300 MiB = {limit:.0f} MiB",
+        ),
+    ]
+
+
+def case_diff(tmp: Path, size: Size) -> list[Result]:
+    """diff of two 1 GiB steps of a manager root vs one bare restore."""
+    import orbax.checkpoint as ocp
+
+    import nnx_ckpt_widgets as nw
+
+    root = big_run(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    step_dir = root / "1" / "default"
+    checkpointer = ocp.StandardCheckpointer()
+    report = nw.diff(root, steps=(1, 2), progress=False)
+    assert len(report.changed) == size.arrays and not report.nan_appeared
+    ours, ref = alternate(
+        lambda: nw.diff(root, steps=(1, 2), progress=False),
+        lambda: checkpointer.restore(step_dir, abstract),
+        size.repeats,
+    )
+    gib = size.arrays * size.side**2 * 4 / 2**30
+    return [Result(16, f"diff of two {gib:.3g} GiB steps", ours, ref, target=2.6)]
+
+
+def case_stats_select(tmp: Path, size: Size) -> list[Result]:
+    """stats with select on 2 of the 16 arrays vs full stats."""
+    import nnx_ckpt_widgets as nw
+
+    path = big_checkpoint(tmp, size)
+    assert len(nw.stats(path, select=r"^w0[01]$", progress=False)) == 2
+    ours, ref = alternate(
+        lambda: nw.stats(path, select=r"^w0[01]$", progress=False),
+        lambda: nw.stats(path, progress=False),
+        size.repeats,
+    )
+    return [Result(17, f"stats, select 2 of {size.arrays} arrays", ours, ref, target=0.25)]
+
+
 _emulator: list = []
 
 
@@ -626,4 +760,7 @@ ALL = [
     (12, case_safetensors_rss),
     (13, case_bucket_many),
     (14, case_bucket_big),
+    (15, case_stats),
+    (16, case_diff),
+    (17, case_stats_select),
 ]

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from nnx_ckpt_widgets.compare import KeyStatus, LoadReport, compare
+from nnx_ckpt_widgets.diff import ArrayDiff, DiffEntry, DiffReport, diff
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -23,6 +24,7 @@ from nnx_ckpt_widgets.errors import (
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
 from nnx_ckpt_widgets.restore import apply_report, load, restore
+from nnx_ckpt_widgets.stats import ArrayStats, StatsReport, stats
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.widgets import CheckpointBrowser, SideBySide, compare_states
@@ -40,12 +42,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "ArrayDiff",
+    "ArrayStats",
     "CheckpointBrowser",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "DiffEntry",
+    "DiffReport",
     "IncompleteCheckpointError",
     "InvalidArgumentError",
     "ItemSelectionError",
@@ -53,6 +59,7 @@ __all__ = [
     "LeafInfo",
     "LoadReport",
     "SideBySide",
+    "StatsReport",
     "StepInfo",
     "StorageError",
     "UnknownLayoutError",
@@ -60,9 +67,11 @@ __all__ = [
     "apply_report",
     "compare",
     "compare_states",
+    "diff",
     "inspect",
     "load",
     "restore",
+    "stats",
 ]
 
 

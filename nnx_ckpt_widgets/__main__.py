@@ -1,7 +1,8 @@
-"""Command line: ``python -m nnx_ckpt_widgets inspect PATH`` and ``... compare PATH --model M:F``.
+"""Command line: ``inspect PATH``, ``compare PATH --model M:F``, ``stats PATH``, ``diff A [B]``.
 
-Both print the same text as the library. On error they print the one-line message and exit 1,
-with no traceback.
+Each prints the same text as the library. On error they print the one-line message and exit 1,
+with no traceback. ``stats`` and ``diff`` with ``--fail-on-nan`` exit 3 when NaN or Inf is
+found (in ``diff``, on the second side), so that a training pipeline can stop on it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 
 from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, first_line
 
+NAN_EXIT = 3  # --fail-on-nan and a NaN or Inf was found
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -23,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("inspect", "what a checkpoint holds, from metadata only"),
         ("compare", "how a checkpoint fits a model: the load report"),
+        ("stats", "value statistics of each array: min, max, mean, std, norm, NaN, Inf, zeros"),
+        ("diff", "how two checkpoints, or two steps of a root, differ array by array"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument(
@@ -30,11 +35,33 @@ def _parser() -> argparse.ArgumentParser:
             help="an Orbax checkpoint (v0 or v1), a root of steps, a step folder, or "
             "safetensors (a file, or a folder of shards with their index); local or gs://",
         )
-        sub.add_argument("--step", type=int, help="step under a root of steps (default: latest)")
+        if name == "diff":
+            sub.add_argument("other", nargs="?", help="the second checkpoint (default: PATH)")
+            sub.add_argument(
+                "--steps",
+                type=int,
+                nargs=2,
+                metavar=("A", "B"),
+                help="the step of each side, e.g. --steps 100 200 (default: latest)",
+            )
+        else:
+            sub.add_argument(
+                "--step", type=int, help="step under a root of steps (default: latest)"
+            )
         sub.add_argument("--item", help="item (checkpointable) to read, e.g. model")
         sub.add_argument(
             "--json", action="store_true", help="print JSON for scripts instead of a table"
         )
+        if name in ("stats", "diff"):
+            sub.add_argument(
+                "--select", metavar="REGEX", help="only the arrays whose key matches, e.g. kernel$"
+            )
+            sub.add_argument(
+                "--fail-on-nan",
+                action="store_true",
+                help=f"exit with status {NAN_EXIT} when an array holds NaN or Inf",
+            )
+            sub.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "compare":
             sub.add_argument(
                 "--model",
@@ -68,9 +95,32 @@ def _json(data: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    from nnx_ckpt_widgets import compare, inspect
+    from nnx_ckpt_widgets import compare, diff, inspect, stats
 
     try:
+        if args.command == "stats":
+            progress = False if args.no_progress else None
+            found = stats(
+                args.path, step=args.step, item=args.item, select=args.select, progress=progress
+            )
+            print(_json(found.as_dict()) if args.json else found)
+            return NAN_EXIT if args.fail_on_nan and not found.ok else 0
+        if args.command == "diff":
+            if args.other is None and args.steps is None:
+                raise InvalidArgumentError(
+                    f"diff needs a second side: pass another checkpoint after {args.path!r}, or "
+                    "--steps A B for two steps of a root."
+                )
+            changes = diff(
+                args.path,
+                args.other,
+                steps=tuple(args.steps) if args.steps else None,
+                item=args.item,
+                select=args.select,
+                progress=False if args.no_progress else None,
+            )
+            print(_json(changes.as_dict()) if args.json else changes)
+            return NAN_EXIT if args.fail_on_nan and changes.nonfinite_b else 0
         if args.command == "inspect":
             info = inspect(args.path, step=args.step, item=args.item)
             print(_json(info.as_dict()) if args.json else info)

@@ -231,6 +231,25 @@ def size(path: AnyPath) -> int:
     return os.path.getsize(path)
 
 
+def is_local(path: AnyPath) -> bool:
+    """Whether ``path`` is on this machine's file system (not a URL)."""
+    return isinstance(path, Path)
+
+
+def read_into(path: AnyPath, offset: int, buffer: memoryview) -> int:
+    """Fill ``buffer`` with the bytes at ``offset`` of a local file; returns how many it got
+    (fewer at the file's end; raises ``OSError``)."""
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        done = 0
+        while done < len(buffer):
+            got = handle.readinto(buffer[done:])
+            if not got:
+                break
+            done += got
+        return done
+
+
 def read_range(path: AnyPath, offset: int, length: int) -> bytes:
     """Read ``length`` bytes at ``offset`` of a file, or fewer at its end (raises ``OSError``)."""
     if is_bucket(path):

@@ -192,6 +192,7 @@ class TreeView(w.HBox):
         self.add_class("nnx-ckpt-tree")
         self.expand_depth, self.page_size = expand_depth, page_size
         self.model = TreeModel(info)
+        self.selected_node: TreeNode | None = None  # what select_node showed last
         self._shared = _Shared()
         self._budget = _AUTO_ROWS
         self._top = _ChildList(self, self.model.root, 1)
@@ -264,6 +265,7 @@ class TreeView(w.HBox):
             f"{esc('; '.join(notes))}</div>"
         )
         self.output.outputs = (treescope_output(tree, text=_text.clip(text, 300)),)
+        self.selected_node = node
         self.selected = node.name
 
     def text(self, max_lines: int = 200) -> str:

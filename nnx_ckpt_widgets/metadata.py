@@ -33,6 +33,8 @@ class LeafInfo:
       shape: the array's shape.
       dtype: the dtype's name, e.g. ``float32``.
       sharding: a short spelling of the saved sharding, when the checkpoint recorded one.
+      key_impl: the PRNG implementation when Orbax saved this array from typed JAX keys;
+        ``shape`` and ``dtype`` are then those of the key data.
     """
 
     path: KeyPath
@@ -40,6 +42,7 @@ class LeafInfo:
     shape: tuple[int, ...]
     dtype: str
     sharding: str | None = None
+    key_impl: str | None = None
 
     @property
     def size(self) -> int:
@@ -222,7 +225,9 @@ def info_from_location(location: Location) -> CheckpointInfo:
     leaves = {}
     for leaf in stored:
         logical = leaf.stored_path[:-1] if fmt == STATE_FORMAT else leaf.stored_path
-        leaves[logical] = LeafInfo(logical, leaf.stored_path, leaf.shape, leaf.dtype, leaf.sharding)
+        leaves[logical] = LeafInfo(
+            logical, leaf.stored_path, leaf.shape, leaf.dtype, leaf.sharding, leaf.key_impl
+        )
     return CheckpointInfo(
         path=location.path,
         item_dir=location.data,

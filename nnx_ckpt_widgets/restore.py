@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets.compare import (
@@ -30,8 +30,9 @@ from nnx_ckpt_widgets.errors import CorruptCheckpointError, InvalidArgumentError
 from nnx_ckpt_widgets.layouts import ReadRequest
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
-__all__ = ["apply_report", "load", "restore"]
+__all__ = ["apply_report", "load", "read_batches", "restore"]
 
+T = TypeVar("T")
 MissingPolicy = Literal["keep", "zeros"]
 UnexpectedPolicy = Literal["ignore", "error"]
 Progress = Callable[[int, int], None]
@@ -382,7 +383,7 @@ def read_arrays(
     if progress is not None:
         progress(0, total)
     values: list[Any] = []
-    for batch in _batches(list(zip(pairs, requests, strict=True)), batch_bytes):
+    for batch in read_batches(list(zip(pairs, requests, strict=True)), batch_bytes):
         values.extend(location.layout.read(location, [request for _, request in batch]))
         done += sum(leaf.nbytes for (leaf, _), _ in batch)
         if progress is not None:
@@ -425,16 +426,26 @@ def _transformed(
     return value
 
 
-def _batches(items: list, limit: int) -> list[list]:
-    """Consecutive groups of ``(leaf, ...)`` pairs of at most ``limit`` bytes each (one big
-    array makes a batch of its own)."""
-    batches: list[list] = []
-    size = 0
+def read_batches(
+    items: Sequence[T], limit: int, size: Callable[[T], int] | None = None
+) -> list[list[T]]:
+    """Consecutive groups of ``items`` of at most ``limit`` bytes each (one big array makes a
+    batch of its own): the unit of one ``Layout.read`` call.
+
+    Args:
+      items: what to read, in order.
+      limit: bytes per batch.
+      size: the bytes of one item; by default ``item[0][0].nbytes`` (restore's
+        ``((leaf, target), request)`` pairs).
+    """
+    measure = size if size is not None else (lambda entry: entry[0][0].nbytes)
+    batches: list[list[T]] = []
+    total = 0
     for entry in items:
-        nbytes = entry[0][0].nbytes
-        if not batches or size + nbytes > limit:
+        nbytes = measure(entry)
+        if not batches or total + nbytes > limit:
             batches.append([])
-            size = 0
+            total = 0
         batches[-1].append(entry)
-        size += nbytes
+        total += nbytes
     return batches

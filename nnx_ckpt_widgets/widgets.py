@@ -23,9 +23,10 @@ from nnx_ckpt_widgets._display import full_text_bundle, one_line, stylesheet
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
 from nnx_ckpt_widgets._tree_view import TreeView
+from nnx_ckpt_widgets._values_panel import ValuesPanel
 from nnx_ckpt_widgets.compare import LoadReport, Transform
 from nnx_ckpt_widgets.errors import CheckpointError
-from nnx_ckpt_widgets.metadata import CheckpointInfo, inspect
+from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.render import esc
 
 __all__ = ["CheckpointBrowser", "SideBySide", "compare_states"]
@@ -114,6 +115,8 @@ class CheckpointBrowser(w.VBox):
             self.panel = RestorePanel(self.info, model, rename=rename, transform=transform)
             self.panel.observe(self._panel_changed, names=["status", "running"])
             self.status = self.panel.status
+        self.values = ValuesPanel(self.info, self._selected_leaves)
+        self.values.observe(self._panel_changed, names=["running"])
         self._fill_selectors()
         self.step_selector.observe(self._selection_changed, "value")
         self.item_selector.observe(self._selection_changed, "value")
@@ -142,8 +145,25 @@ class CheckpointBrowser(w.VBox):
         return self.panel.result or self.panel.report
 
     def wait(self, timeout: float | None = None) -> LoadReport | None:
-        """Block until a running restore ends; see :meth:`RestorePanel.wait`."""
+        """Block until a running restore or values read ends; see :meth:`RestorePanel.wait`."""
+        self.values.wait(timeout)
         return None if self.panel is None else self.panel.wait(timeout)
+
+    @property
+    def values_button(self) -> w.Button:
+        """The Values button: ``values_button.click()`` then :meth:`wait` reads the values of
+        the selected subtree (the whole checkpoint when nothing is selected)."""
+        return self.values.values_button
+
+    def _selected_leaves(self) -> tuple[str, list[LeafInfo]]:
+        """The selected node's name and every array under it (all its folded copies)."""
+        node = self.tree.selected_node
+        if node is None:
+            return "", list(self.info.leaves.values())
+        leaves: list[LeafInfo] = []
+        for path in node.paths:
+            leaves.extend(self.info.subtree(path).values())
+        return node.name, leaves
 
     def _step_marks(self) -> dict[int, list[str]]:
         """``latest`` and, given ``best_metric``, ``best`` for the steps they apply to."""
@@ -175,7 +195,8 @@ class CheckpointBrowser(w.VBox):
 
     def _selection_changed(self, change: dict[str, Any]) -> None:
         step, item = self.step_selector.value, self.item_selector.value
-        if self._filling or (self.panel is not None and self.panel.running):
+        busy = self.values.running or (self.panel is not None and self.panel.running)
+        if self._filling or busy:
             return
         if change["owner"] is self.step_selector:
             if step == self.info.step:
@@ -199,6 +220,7 @@ class CheckpointBrowser(w.VBox):
         self.tree = TreeView(self.info, **self._tree_options)
         if self.panel is not None:
             self.panel.set_info(self.info)
+        self.values.set_info(self.info)
         self._fill_selectors()
         self._render_header()
         self._layout()
@@ -215,7 +237,8 @@ class CheckpointBrowser(w.VBox):
         if change["name"] == "status":
             self.status = change["new"]
         else:
-            self.step_selector.disabled = self.item_selector.disabled = change["new"]
+            busy = self.values.running or (self.panel is not None and self.panel.running)
+            self.step_selector.disabled = self.item_selector.disabled = busy
 
     def _render_header(self) -> None:
         info = self.info
@@ -238,6 +261,7 @@ class CheckpointBrowser(w.VBox):
         if self.error is not None:
             children.append(self.error_html)
         children.append(self.tree)
+        children.append(self.values)
         if self.panel is not None:
             children.append(self.panel)
         self.children = children
@@ -261,6 +285,8 @@ class CheckpointBrowser(w.VBox):
             lines.append(f"error: {self._error_text}")
         lines.append("tree:")
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
+        if self.values.stats_report is not None or self.values.diff_report is not None:
+            lines.append(f"values: {self.values.status}")
         if self.panel is not None:
             report = self.panel.report
             lines.append(f"load report: {_text.count_text(report.counts)}")

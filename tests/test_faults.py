@@ -46,6 +46,8 @@ metrics leave the step offered, without metrics. The good steps restore exactly 
 Cases 14 are made from an ``ocp.v1.save`` checkpoint of the same model; a v1 checkpoint that
 lost only ``commit_success.txt`` but keeps its commit time is finished, as Orbax's own loader
 says, and reads as such. U is ``UnknownLayoutError``: never "damaged" for files we do not know.
+``stats`` and ``diff`` (library and CLI) raise what ``restore`` raises in every case but 12, where
+they read the other model's checkpoint as any other.
 A save killed mid-write, by v0's ``CheckpointManager`` and by v1's ``training.Checkpointer``,
 is never offered as a step.
 
@@ -316,6 +318,29 @@ def test_browser(case, request):
     assert isinstance(browser.panel.error, at_restore)
     assert not browser.restore_button.disabled  # still usable: it can be clicked again
     assert_same_arrays(before, target)
+
+
+@FAILING_READ
+def test_stats_and_diff(case, request, wide_ckpt):
+    """``stats`` and ``diff`` (and their CLI) give the errors ``restore`` gives: a damaged
+    array raises when read, the others when the checkpoint is looked up."""
+    path, at_metadata, at_restore, words = case
+    if at_metadata is None and at_restore is CORRUPT:
+        request.getfixturevalue("failing_orbax_read")
+    expected = at_metadata or (None if at_restore is MISMATCH else at_restore)
+    calls = (
+        lambda: ncw.stats(path, progress=False),
+        lambda: ncw.diff(wide_ckpt, path, progress=False),
+    )
+    for call in calls:
+        if expected is None:
+            assert call().entries
+            continue
+        with pytest.raises(ncw.CheckpointError) as raised:
+            call()
+        assert_good_error(raised.value, expected, path, words)
+    code = main(["stats", str(path), "--no-progress"])
+    assert code == (0 if expected is None else 1)
 
 
 # --- 13: a manager root with one broken step among good ones ----------------------------------

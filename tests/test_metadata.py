@@ -118,7 +118,7 @@ def _orbax_sharding_text(sharding) -> str | None:
     if isinstance(sharding, ocp.metadata.SingleDeviceShardingMetadata):
         return sharding.device_str
     assert isinstance(sharding, ocp.metadata.NamedShardingMetadata), sharding
-    mesh = ",".join(f"{a}={n}" for a, n in zip(sharding.axis_names, sharding.shape))
+    mesh = ",".join(f"{a}={n}" for a, n in zip(sharding.axis_names, sharding.shape, strict=True))
     spec = []
     for part in sharding.partition_spec:
         if part is None:

@@ -188,7 +188,7 @@ def test_restore_after_save_is_exact(variant, seed):
         before = snapshot(lenient)
         report = ncw.restore(path, lenient, strict=False)
     after = snapshot(lenient)
-    by_target_path = dict(zip(_target_keys(target), target))
+    by_target_path = dict(zip(_target_keys(target), target, strict=True))
     for key, (array, _) in after.items():
         source = by_target_path[key]
         if source in saved:

@@ -202,6 +202,7 @@ DTYPE_VALUES = {
     "F64": np.linspace(-1, 1, 4),
     "F8_E4M3": np.linspace(-1, 1, 4).astype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.linspace(-1, 1, 4).astype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.array([0.25, 1, 2, 8]).astype(ml_dtypes.float8_e8m0fnu),
 }
 
 
@@ -251,14 +252,54 @@ def test_64_bit_dtypes_are_read_and_cast_when_jax_is_32_bit(tmp_path):
         np.testing.assert_array_equal(got, value.astype(got.dtype), err_msg=name)
 
 
-def test_f8_e8m0_is_shown_and_refused_in_one_sentence(tmp_path):
-    path = tmp_path / "scales.safetensors"
-    save_flax({"scale": jnp.ones((4,), jnp.float8_e8m0fnu), "w": jnp.ones((2,))}, path)
-    assert ncw.inspect(path).leaves[("scale",)].dtype == "float8_e8m0fnu"
-    model = Holder({"scale": np.ones(4, ml_dtypes.float8_e8m0fnu), "w": np.ones(2, np.float32)})
+def test_direct_and_orbax_readers_give_the_same_bits(tmp_path):
+    # Local files are read directly; buckets and multi-process shardings go through Orbax v1's
+    # SafetensorsLayout. Both must give the same arrays, for every dtype Orbax reads.
+    from nnx_ckpt_widgets.layouts import locate
+    from nnx_ckpt_widgets.layouts.base import ReadRequest
+    from nnx_ckpt_widgets.layouts.safetensors import ORBAX_READABLE
+
+    arrays = {
+        f"t_{code.lower()}": v
+        for code, v in DTYPE_VALUES.items()
+        if code not in WIDE and code in ORBAX_READABLE
+    }
+    path = tmp_path / "both.safetensors"
+    save_flax({name: jnp.asarray(value) for name, value in arrays.items()}, path)
+    location = locate(path)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    requests = [
+        ReadRequest((name,), value.shape, np.dtype(value.dtype).name, device)
+        for name, value in arrays.items()
+    ]
+    direct = location.layout.read(location, requests)
+    via_orbax = location.layout._read_orbax(
+        location,
+        list(
+            zip(
+                [t for h in location.layout.headers(location) for t in h.tensors],
+                requests,
+                strict=True,
+            )
+        ),
+    )
+    for request, got in zip(requests, direct, strict=True):
+        name = request.stored_path[0]
+        want = np.asarray(via_orbax[name])
+        assert np.asarray(got).dtype == want.dtype == arrays[name].dtype, name
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), want.view(np.uint8))
+
+
+def test_file_truncated_after_inspect_is_refused_and_the_model_kept(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": np.arange(1024, dtype=np.float32)}, path)
+    model = Holder({"w": np.zeros(1024, np.float32)})
     before = snapshot(model)
-    with pytest.raises(ncw.InvalidArgumentError, match=r"F8_E8M0, which Orbax 0\.12 cannot"):
-        ncw.restore(path, model)
+    report = ncw.compare(path, model)
+    with open(path, "r+b") as handle:  # a download overwritten while the report was open
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(ncw.CorruptCheckpointError, match=r"ended 100 bytes into tensor 'w'"):
+        ncw.apply_report(report, model)
     assert_same_arrays(before, model)
 
 

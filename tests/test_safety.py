@@ -357,3 +357,26 @@ def test_the_text_class_wraps_anywhere():
 
     rule = STYLE.split(".nnx-ckpt .nnx-ckpt-text {", 1)[1].split("}", 1)[0]
     assert "overflow-wrap: anywhere" in rule
+
+
+def test_values_and_diff_html_are_inert(hostile):
+    """Stats, diffs and the browser's Values panel, on hostile names, folder names included."""
+    ckpt, root = hostile
+    escaped = html.escape(XSS)
+    report = ncw.stats(ckpt, progress=False)
+    from nnx_ckpt_widgets.diff import diff_infos
+
+    changes = diff_infos(ncw.inspect(ckpt), ncw.inspect(root, step=1, item=XSS), progress=False)
+    for markup in (report._repr_html_(), changes._repr_html_()):
+        assert_inert(markup)
+        assert escaped in markup
+    browser = CheckpointBrowser(root, step=1, item=XSS)
+    browser.values_button.click()
+    browser.wait(30)
+    assert browser.values.stats_report is not None
+    browser.tree.select(XSS, SCRIPT)
+    browser.values_button.click()
+    browser.wait(30)
+    assert browser.values.array is not None
+    for markup in html_values(browser):
+        assert_inert(markup)

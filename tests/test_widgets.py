@@ -446,7 +446,7 @@ def test_folding_paging_and_lazy_rows(tmp_path):
     ]
     assert lines[3] == "▾ wide  100 params, 400 B"
     assert lines[-1] == "  … 60 more" and len(lines) == 4 + 40 + 1
-    rows = [w for w in walk(browser) if isinstance(w, ipywidgets.HBox)]
+    rows = [w for w in walk(browser.tree) if isinstance(w, ipywidgets.HBox)]
     # 100 names under "wide", 30 folded layers: only a page is built. One line per row shown
     # (layers, {0..29}, 30, wide and its first 40), plus the tree view itself.
     assert len(rows) == 4 + 40 + 1

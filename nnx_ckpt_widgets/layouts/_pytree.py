@@ -89,14 +89,43 @@ def read_fast(item_dir: AnyPath) -> list[StoredLeaf]:
     zarr3 = bool(metadata.get("use_zarr3", False))
     shardings = _read_shardings(item_dir)
     headers = _read_zarr_headers(item_dir, [".".join(keys) for keys in entries], zarr3)
+    keys_impl = _read_key_impls(item_dir)
     leaves = []
     parsed: dict[bytes, tuple[tuple[int, ...], str]] = {}  # most headers repeat byte for byte
     for keys, header in zip(entries, headers, strict=True):
         if header not in parsed:
             parsed[header] = _parse_header(header, zarr3)
         shape, dtype = parsed[header]
-        leaves.append(StoredLeaf(keys, shape, dtype, shardings.get(".".join(keys))))
+        name = ".".join(keys)
+        leaves.append(StoredLeaf(keys, shape, dtype, shardings.get(name), keys_impl.get(name)))
     return leaves
+
+
+_ARRAY_METADATAS = "array_metadatas"
+
+
+def _read_key_impls(item_dir: AnyPath) -> dict[str, str]:
+    """``{param name: PRNG implementation}`` of the arrays Orbax saved from typed JAX keys.
+
+    Orbax records it in ``array_metadatas/process_<i>`` (``ext_metadata.random_key_impl``).
+    Only a statement about keys: a file that is missing or unreadable means none are known.
+    """
+    folder = item_dir / _ARRAY_METADATAS
+    listing = _storage.listdir(folder)
+    if listing is None:
+        return {}
+    found: dict[str, str] = {}
+    for name in sorted(listing.files):
+        try:
+            data = _storage.read_json(folder / name, "array metadata")
+            for entry in data.get("array_metadatas", []):
+                meta = entry.get("array_metadata", {})
+                impl = (meta.get("ext_metadata") or {}).get("random_key_impl")
+                if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
+                    found[meta["param_name"]] = impl
+        except (CheckpointError, AttributeError, TypeError):
+            continue
+    return found
 
 
 def _read_shardings(item_dir: AnyPath) -> dict[str, str]:
@@ -264,11 +293,21 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     if not requests:
         return []
     import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
     item: dict = {}
     restore_args: dict = {}
     for request in requests:
+        if request.host:
+            # Orbax's numpy restore: the stored dtype, in host memory, no device copy.
+            _nest(item, request.stored_path, jax.ShapeDtypeStruct(request.shape, request.dtype))
+            _nest(
+                restore_args,
+                request.stored_path,
+                ocp.RestoreArgs(restore_type=np.ndarray, dtype=request.dtype),
+            )
+            continue
         if request.scalar_type is not None:
             # Python scalars go through Orbax's scalar handler, which takes no sharding.
             _nest(item, request.stored_path, request.scalar_type(0))

@@ -40,12 +40,17 @@ class StepInfo:
 
 @dataclasses.dataclass(frozen=True)
 class StoredLeaf:
-    """One array as stored: its path in the saved tree (``value`` level included)."""
+    """One array as stored: its path in the saved tree (``value`` level included).
+
+    ``key_impl`` names the PRNG implementation (``threefry2x32``) of an array that Orbax
+    saved from typed JAX keys; ``shape`` and ``dtype`` are then those of the key data.
+    """
 
     stored_path: KeyPath
     shape: tuple[int, ...]
     dtype: str
     sharding: str | None
+    key_impl: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,8 @@ class ReadRequest:
     """Read the stored array at ``stored_path`` as ``dtype``, placed on ``sharding``.
 
     ``scalar_type`` is set for a Python scalar leaf (``nnx.Variable(0)``), which Orbax stores
-    without a sharding.
+    without a sharding. With ``host``, the array comes back as a host NumPy array in its stored
+    dtype (``int64`` stays ``int64`` without ``jax_enable_x64``), and ``sharding`` is ignored.
     """
 
     stored_path: KeyPath
@@ -61,6 +67,7 @@ class ReadRequest:
     dtype: str
     sharding: Any = None
     scalar_type: type | None = None
+    host: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,273 @@
+"""``ValuesPanel``: the values of the browser's selected subtree, and a diff with another step.
+
+Nothing is read until a button is pressed. **Values** reads the arrays of the selected subtree
+(every folded copy of it) and shows their statistics; when the selection is one array, it also
+shows treescope's own array rendering of it (``treescope.render_array``: a heatmap with its
+value distribution), in an ``Output`` as a display-data output, as the tree's treescope pane
+does. Under a root of steps, **compare with step** diffs the browser's step against the step
+chosen in the dropdown, for the selected subtree.
+
+Reads run in a worker thread, so the page keeps updating; a read that takes longer than a
+second shows a progress bar with the bytes read. Every string from the checkpoint reaches the
+page through :func:`nnx_ckpt_widgets.render.esc` or as a widget's plain-text label.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ipywidgets as w
+import traitlets
+
+from nnx_ckpt_widgets import _text
+from nnx_ckpt_widgets._display import one_line
+from nnx_ckpt_widgets.diff import DiffReport, diff_html, diff_infos
+from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
+from nnx_ckpt_widgets.render import esc
+from nnx_ckpt_widgets.stats import StatsReport, stats_html, stats_of
+
+PROGRESS_AFTER = 1.0  # seconds: a longer read shows a progress bar
+_TICK = 0.25
+# Treescope draws at most this many cells of one array (it summarises the rest).
+ARRAY_CELLS = 10_000
+
+Selection = Callable[[], tuple[str, list[LeafInfo]]]
+
+
+class ValuesPanel(w.VBox):
+    """Value statistics of the selected subtree, and a step-to-step diff.
+
+    Args:
+      info: the checkpoint shown by the browser.
+      selection: returns ``(name, leaves)`` of what is selected in the tree (the whole
+        checkpoint when nothing is).
+    """
+
+    status = traitlets.Unicode(
+        "", help="What the panel did last, as text: 'Values of 4 arrays: no NaN or Inf.'"
+    )
+    running = traitlets.Bool(False, help="True while arrays are being read; buttons disabled.")
+
+    def __init__(self, info: CheckpointInfo, selection: Selection):
+        self.info = info
+        self.selection = selection
+        self.stats_report: StatsReport | None = None
+        self.diff_report: DiffReport | None = None
+        self.array: Any = None  # the one array read for treescope, when one was selected
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._progress = (0, 0)
+        self.values_button = w.Button(
+            description="Values", icon="bar-chart", tooltip="read the selected arrays"
+        )
+        self.values_button.add_class("nnx-ckpt-values")
+        self.values_button.layout.width = "auto"
+        self.values_button.on_click(self._values_clicked)
+        # The button carries the words, the list only the steps: in a narrow notebook each
+        # wraps to a line of its own instead of squeezing a labelled list.
+        self.other_step = w.Dropdown(
+            tooltip="the step to compare the shown step with",
+            layout=w.Layout(width="auto", max_width="100%"),
+        )
+        self.diff_button = w.Button(
+            description="compare with step",
+            icon="exchange",
+            tooltip="diff the shown step against the chosen one",
+        )
+        self.diff_button.add_class("nnx-ckpt-diff-button")
+        self.diff_button.layout.width = "auto"
+        self.diff_button.on_click(self._diff_clicked)
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px"))
+        self.bar_text = w.HTML()
+        self.progress = w.HBox(
+            [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
+        )
+        self.progress.add_class("nnx-ckpt-values-progress")
+        self.status_html = w.HTML()
+        self.result_html = w.HTML()
+        self.array_output = w.Output(layout=w.Layout(max_height="420px"))
+        self.array_output.add_class("nnx-ckpt-scroll")
+        self.actions = w.HBox(layout=w.Layout(flex_flow="row wrap", align_items="center"))
+        super().__init__([self.actions, self.status_html, self.result_html, self.array_output])
+        self.add_class("nnx-ckpt-values-panel")
+        self.set_info(info)
+
+    def set_info(self, info: CheckpointInfo) -> None:
+        """Show another step or item: the results shown are dropped, nothing is read."""
+        self.info = info
+        others = [s.step for s in info.steps if s.step != info.step]
+        self.other_step.options = [
+            (_text.step_text(s), s.step) for s in info.steps if s.step in others
+        ]
+        if others:
+            before = [s for s in others if info.step is not None and s < info.step]
+            self.other_step.value = before[-1] if before else others[0]
+        children: list[w.Widget] = [self.values_button]
+        if others:
+            children += [self.diff_button, self.other_step]
+        self.actions.children = [*children, self.progress]
+        self.stats_report = self.diff_report = self.array = self.error = None
+        self.result_html.value = ""
+        self.array_output.outputs = ()
+        self._set_status("ready", "Nothing read yet: Values reads the selected arrays.")
+
+    def _values_clicked(self, _button: Any = None) -> None:
+        name, leaves = self.selection()
+        self._start(self._run_values, name, leaves)
+
+    def _diff_clicked(self, _button: Any = None) -> None:
+        name, leaves = self.selection()
+        self._start(self._run_diff, name, leaves, self.other_step.value)
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self.running:
+                return
+            self.running = True
+            self._enable(False)
+            self._thread = threading.Thread(
+                target=self._guarded, args=(target, *args), name="nnx-ckpt-values", daemon=True
+            )
+            self._thread.start()
+
+    def _enable(self, idle: bool) -> None:
+        self.values_button.disabled = self.diff_button.disabled = not idle
+        self.other_step.disabled = not idle
+
+    def _guarded(self, target: Callable[..., None], *args: Any) -> None:
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(_TICK):
+                if time.perf_counter() - start >= PROGRESS_AFTER:
+                    self._show_progress(time.perf_counter() - start)
+
+        ticker = threading.Thread(target=tick, name="nnx-ckpt-values-tick", daemon=True)
+        ticker.start()
+        self.error = None
+        try:
+            target(*args)
+        except Exception as err:  # every failure becomes the status line
+            self.error = err
+            self._set_status("failed", f"Could not read the values: {one_line(err)}")
+        finally:
+            done.set()
+            ticker.join()
+            self.progress.layout.display = "none"
+            self.running = False
+            self._enable(True)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self._progress = (done, total)
+
+    def _show_progress(self, elapsed: float) -> None:
+        done, total = self._progress
+        self.bar.value = done / total if total else 0.0
+        self.bar_text.value = (
+            '<span class="nnx-ckpt-text nnx-ckpt-values-progress-text">'
+            f"{_text.human_bytes(done)} of {_text.human_bytes(total)} · {elapsed:.1f} s</span>"
+        )
+        self.progress.layout.display = "flex"
+
+    def _run_values(self, name: str, leaves: Sequence[LeafInfo]) -> None:
+        what = f"{_text.plural(len(leaves), 'array')} of {name or 'the checkpoint'}"
+        self._set_status("running", f"Reading {what}…")
+        self.array = None
+        self.array_output.outputs = ()
+        if len(leaves) == 1:
+            report, array = _one_array(self.info, leaves[0], self._on_progress)
+        else:
+            report, array = stats_of(self.info, leaves, progress=self._on_progress), None
+        self.stats_report = report
+        self.result_html.value = stats_html(report)
+        if array is not None:
+            self.array = array
+            self.array_output.outputs = (_array_output(leaves[0], array),)
+        self._set_status("done" if report.ok else "warn", f"Values of {what}: {report.summary()}")
+
+    def _run_diff(self, name: str, leaves: Sequence[LeafInfo], other: int) -> None:
+        info = self.info
+        self._set_status("running", f"Reading step {info.step} and step {other}…")
+        other_info = inspect(info.path, step=other, item=info.item)
+        keys = [leaf.name for leaf in leaves] if name else None
+        report = diff_infos(other_info, info, keys=keys, progress=self._on_progress)
+        self.diff_report = report
+        self.result_html.value = diff_html(report)
+        self.array_output.outputs = ()
+        state = "warn" if report.nonfinite_b else "done"
+        self._set_status(state, f"Step {other} → step {info.step}: {report.summary()}")
+
+    def _set_status(self, state: str, text: str) -> None:
+        self.status = text
+        self.status_html.value = (
+            f'<div class="nnx-ckpt-values-status nnx-ckpt-text" data-state="{esc(state)}">'
+            f"{esc(_text.clip(text, 400))}</div>"
+        )
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a running read ends (for notebooks that click from Python)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def text(self) -> str:
+        """What the panel shows, as text: the status and the last table."""
+        lines = [f"values: {self.status}"]
+        if self.stats_report is not None and self.diff_report is None:
+            lines.append(self.stats_report.text())
+        if self.diff_report is not None:
+            lines.append(self.diff_report.text())
+        return "\n".join(lines)
+
+
+def _one_array(
+    info: CheckpointInfo, leaf: LeafInfo, progress: Callable[[int, int], None]
+) -> tuple[StatsReport, Any]:
+    """Stats of one array, and the array itself for treescope: one read for both."""
+    from nnx_ckpt_widgets._values import array_stats, iter_arrays
+    from nnx_ckpt_widgets.stats import info_where
+
+    assert info.location is not None
+    read = iter_arrays(info.location, [leaf], progress=progress, where=info_where(info))
+    ((_, array),) = list(read)
+    entry = array_stats(leaf.name, array, key_impl=leaf.key_impl, dtype=leaf.dtype)
+    report = StatsReport(
+        path=str(info.path),
+        entries=(entry,),
+        step=info.step,
+        item=info.item,
+        layout=info.layout,
+        nbytes=leaf.nbytes,
+    )
+    return report, array
+
+
+def _array_output(leaf: LeafInfo, array: Any) -> dict[str, Any]:
+    """Treescope's rendering of one array as a display-data output, text as fallback."""
+    text = f"{leaf.name}: {_text.shape_text(leaf.shape)} {leaf.dtype}"
+    html = None
+    if leaf.key_impl is None and array.ndim > 0 and array.size > 0:
+        import warnings
+
+        import treescope
+
+        try:
+            # An all-NaN array makes NumPy warn inside treescope's colour scale: not news here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                figure = treescope.render_array(array, truncate=True, maximum_size=ARRAY_CELLS)
+                html = figure._repr_html_()
+        except Exception:  # treescope cannot draw every dtype (complex, keys): text only
+            html = None
+    if html is None:
+        html = f"<pre>{esc(text)} (no array rendering for this array)</pre>"
+    return {
+        "output_type": "display_data",
+        "data": {"text/html": html, "text/plain": text},
+        "metadata": {},
+    }
