@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest
 # The floor: the oldest versions pyproject.toml admits, pinned in constraints-oldest.txt.
 OLDEST ?= .venv-oldest
 
-.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium zh clean
+.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium openmpi zh clean
 
 help:
 	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
@@ -34,7 +34,7 @@ lab: $(VENV)/.lab-installed
 	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) \
 	  --ServerApp.port_retries=50 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-test: $(VENV)/.test-installed chromium
+test: $(VENV)/.test-installed chromium openmpi
 	$(MAKE) lint typecheck unit nbval browser bench-smoke test-oldest
 
 lint: $(VENV)/.test-installed
@@ -84,6 +84,18 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else \
 	    echo "WARNING: chromium is missing and cannot be installed here: browser tests will be skipped"; \
+	  fi; \
+	fi
+
+# The mpirun test (tests/test_mpirun.py) starts the multi-process scripts with Debian's Open MPI.
+# Install it when we can (root with apt-get); otherwise that test skips (and fails under CI=true).
+openmpi:
+	@if ! command -v mpirun >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's openmpi-bin for the mpirun test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin >/dev/null; \
+	  else \
+	    echo "WARNING: mpirun is missing and cannot be installed here: the mpirun test will be skipped"; \
 	  fi; \
 	fi
 

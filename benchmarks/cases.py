@@ -644,6 +644,108 @@ def case_stats_select(tmp: Path, size: Size) -> list[Result]:
     return [Result(17, f"stats, select 2 of {size.arrays} arrays", ours, ref, target=0.25)]
 
 
+_emulator: list = []
+
+
+def _bucket(tmp: Path) -> str:
+    """A bucket on the GCS emulator, whose objects live in the run's temporary folder; started
+    once per benchmark run (TensorStore reads the emulator's address once per process) and
+    stopped when the run ends."""
+    if not _emulator:
+        import atexit
+
+        from nnx_ckpt_widgets.emulator import GCSEmulator
+
+        emulator = GCSEmulator(buckets=["bench"], root=tmp / "gcs").start()
+        atexit.register(emulator.close)
+        _emulator.append(emulator)
+    return "gs://bench"
+
+
+def _traffic(fn) -> tuple[int, int]:
+    """Requests and bytes received by one call of ``fn`` (through the emulator's relay)."""
+    with _emulator[0].count() as traffic:
+        fn()
+    return len(traffic.requests), traffic.bytes_received
+
+
+def _traffic_results(number: int, what: str, ours, reference, ref_name: str) -> list[Result]:
+    (our_requests, our_bytes), (ref_requests, ref_bytes) = _traffic(ours), _traffic(reference)
+    return [
+        Result(
+            number,
+            f"requests of {what}",
+            our_requests,
+            ref_requests,
+            unit="requests",
+            note=f"vs {ref_name}",
+        ),
+        Result(
+            number,
+            f"bytes received by {what}",
+            our_bytes,
+            ref_bytes,
+            unit="B",
+            note=f"vs {ref_name}",
+        ),
+    ]
+
+
+def case_bucket_many(tmp: Path, size: Size) -> list[Result]:
+    """inspect of a many-leaf checkpoint in a gs:// bucket vs Orbax metadata() there."""
+    import orbax.checkpoint as ocp
+
+    import nnx_ckpt_widgets as nw
+
+    url = f"{_bucket(tmp)}/many"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(url, _many_leaf_tree(size))
+    checkpointer = ocp.StandardCheckpointer()
+    assert len(nw.inspect(url)) == size.leaves
+    ours, ref = alternate(lambda: nw.inspect(url), lambda: checkpointer.metadata(url), size.repeats)
+    what = f"inspect, {size.leaves:,} leaves on gs://"
+    return [
+        Result(13, f"{what} (vs Orbax metadata())", ours, ref, target=0.2),
+        *_traffic_results(
+            13, what, lambda: nw.inspect(url), lambda: checkpointer.metadata(url), "metadata()"
+        ),
+    ]
+
+
+def case_bucket_big(tmp: Path, size: Size) -> list[Result]:
+    """inspect of a 1 GiB checkpoint in a gs:// bucket vs a full restore from there."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    import nnx_ckpt_widgets as nw
+
+    url = f"{_bucket(tmp)}/big"
+    model_cls, names = _big_model(size)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(url, nnx.state(model_cls(names, 0)))
+    _, abstract = _abstract_state(model_cls, names)
+    checkpointer = ocp.StandardCheckpointer()
+    info = nw.inspect(url)
+    assert len(info) == size.arrays and info.nbytes == size.arrays * size.side**2 * 4
+    restored = checkpointer.restore(url, abstract)
+    np.testing.assert_array_equal(restored["w00"].get_value(), model_cls(names[:1], 0).w00[...])
+    ours, ref = alternate(
+        lambda: nw.inspect(url), lambda: checkpointer.restore(url, abstract), size.repeats
+    )
+    gib = size.arrays * size.side**2 * 4 / 2**30
+    what = f"inspect, {gib:.3g} GiB on gs://"
+    return [
+        Result(14, f"{what} (vs a full restore)", ours, ref, target=0.05),
+        *_traffic_results(
+            14,
+            what,
+            lambda: nw.inspect(url),
+            lambda: checkpointer.restore(url, abstract),
+            "full restore",
+        ),
+    ]
+
+
 ALL = [
     (1, case_inspect_big),
     (2, case_restore),
@@ -656,6 +758,8 @@ ALL = [
     (10, case_v1_restore_path),
     (11, case_safetensors),
     (12, case_safetensors_rss),
+    (13, case_bucket_many),
+    (14, case_bucket_big),
     (15, case_stats),
     (16, case_diff),
     (17, case_stats_select),

@@ -20,6 +20,7 @@ from nnx_ckpt_widgets.errors import (
     IncompleteCheckpointError,
     InvalidArgumentError,
     ItemSelectionError,
+    StorageError,
     UnknownLayoutError,
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
@@ -65,6 +66,7 @@ __all__ = [
     "SideBySide",
     "StatsReport",
     "StepInfo",
+    "StorageError",
     "UnknownLayoutError",
     "__version__",
     "apply_report",

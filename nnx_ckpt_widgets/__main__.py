@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "path",
             help="an Orbax checkpoint (v0 or v1), a root of steps, a step folder, or "
-            "safetensors (a file, or a folder of shards with their index)",
+            "safetensors (a file, or a folder of shards with their index); local or gs://",
         )
         if name == "diff":
             sub.add_argument("other", nargs="?", help="the second checkpoint (default: PATH)")

@@ -1,24 +1,51 @@
-"""Where checkpoint files live: a local folder today, a bucket through the same few calls.
+"""Where checkpoint files live: a local folder or a ``gs://`` bucket, through the same calls.
 
 Every layout reads through these functions only: one listing per folder (names of files and of
-subfolders together), small files read whole, and the TensorStore key-value spec under which
-Orbax keeps the arrays. A layout never touches ``os`` or ``pathlib`` itself, so a storage
-backend added here serves every layout at once.
+subfolders together), small files read whole, byte ranges, the TensorStore key-value spec under
+which Orbax keeps the arrays, and :func:`guarded` around Orbax's own reads. A layout never
+touches ``os`` or ``pathlib`` itself, so each storage backend serves every layout at once.
 
-Local paths are ``pathlib.Path``; a URL keeps its scheme and is never turned into a local path.
+Local paths are ``pathlib.Path``. A ``gs://`` URL (or an ``etils.epath.Path`` of one) is an
+``etils.epath.Path`` handled by :mod:`nnx_ckpt_widgets._bucket`; it keeps its scheme in what is
+shown and in every error, and is never turned into a local path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from nnx_ckpt_widgets import _bucket
 from nnx_ckpt_widgets.errors import CheckpointNotFoundError, InvalidArgumentError
 
-# Schemes Orbax 0.12 cannot read (only gs:// reaches a cloud driver; orbax issue 359).
-_UNSUPPORTED_SCHEMES = ("s3://", "az://", "abfs://", "hdfs://", "http://", "https://")
+# Any other "scheme://" is one Orbax 0.12.8 cannot read: it sends only gs:// to a cloud driver
+# and would normalise s3://b/x into the local path s3:/b/x (S3 is orbax issue 359).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+T = TypeVar("T")
+R = TypeVar("R")
+# Small files already read during one look at a checkpoint (see one_look): several layouts
+# may ask for the same _CHECKPOINT_METADATA, and on a bucket each read is a request.
+_SEEN: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar(
+    "nnx_ckpt_seen", default=None
+)
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[None]:
+    """Within the block, each small file is read once (the checkpoint is taken as it was when
+    first read); what fails to read is not remembered."""
+    token = _SEEN.set({})
+    try:
+        yield
+    finally:
+        _SEEN.reset(token)
+
 
 AnyPath = Any  # pathlib.Path, or an etils.epath.Path for a URL
 
@@ -47,13 +74,14 @@ def as_path(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
       InvalidArgumentError: the URL's scheme is one Orbax cannot read.
     """
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
-    for scheme in _UNSUPPORTED_SCHEMES:
-        if text.startswith(scheme):
-            raise InvalidArgumentError(
-                f"Cannot read {text}: Orbax 0.12 reads only local folders and gs:// buckets "
-                "(S3 support is orbax issue 359); copy the checkpoint to a local folder or "
-                "mount the bucket as one, and pass that path."
-            )
+    if _bucket.is_bucket(text):
+        return _bucket.as_path(text)
+    if _URL.match(text):
+        raise InvalidArgumentError(
+            f"Cannot read {text}: Orbax 0.12.8 reads only local folders and gs:// buckets "
+            "(S3 support is the open orbax issue 359); copy the checkpoint to a local folder, "
+            "or mount the bucket as one, and pass that path."
+        )
     return Path(text).expanduser()
 
 
@@ -62,12 +90,34 @@ def absolute(path: AnyPath) -> AnyPath:
     return path.absolute() if isinstance(path, Path) else path
 
 
+def is_bucket(path: AnyPath) -> bool:
+    return _bucket.is_bucket(path)
+
+
+def not_found(path: AnyPath) -> CheckpointNotFoundError:
+    """The error for a path with nothing at it; a bucket's says whether the bucket exists."""
+    if is_bucket(path) and not _bucket.bucket_exists(path):
+        bucket, _ = _bucket.split(path)
+        return CheckpointNotFoundError(
+            f"No checkpoint at {path}: the bucket {bucket!r} does not exist, or these "
+            "credentials cannot see it; check the bucket name and the project."
+        )
+    return CheckpointNotFoundError(
+        f"No checkpoint at {path}: the path does not exist; check the spelling or the "
+        "working directory."
+    )
+
+
 def listdir(path: AnyPath) -> Listing | None:
     """List ``path`` once; None when it is not a folder (missing, or a file).
 
     Raises:
       CheckpointNotFoundError: the folder exists but cannot be listed.
+      StorageError: the bucket cannot be reached.
     """
+    if is_bucket(path):
+        found = _bucket.listdir(path)
+        return None if found is None else Listing(path, *found)
     files: set[str] = set()
     dirs: set[str] = set()
     try:
@@ -84,21 +134,72 @@ def listdir(path: AnyPath) -> Listing | None:
 
 
 def exists(path: AnyPath) -> bool:
+    if is_bucket(path):
+        return _bucket.info(path) is not None
     return os.path.exists(path)
 
 
 def is_file(path: AnyPath) -> bool:
+    if is_bucket(path):
+        found = _bucket.info(path)
+        return found is not None and found.get("type") == "file"
     return os.path.isfile(path)
 
 
 def read_bytes(path: AnyPath) -> bytes:
-    """Read a small file whole (raises ``OSError``)."""
-    return Path(path).read_bytes()
+    """Read a small file whole (raises ``OSError``; ``StorageError`` for a bucket that does not
+    answer)."""
+    seen = _SEEN.get()
+    key = str(path)
+    if seen is not None and key in seen:
+        return seen[key]
+    data = _bucket.read_bytes(path) if is_bucket(path) else Path(path).read_bytes()
+    if seen is not None:
+        seen[key] = data
+    return data
 
 
 def kvstore(path: AnyPath) -> dict[str, Any]:
     """The TensorStore key-value store spec of a folder."""
+    if is_bucket(path):
+        return _bucket.kvstore(path)
     return {"driver": "file", "path": str(absolute(path))}
+
+
+def ts_context(path: AnyPath) -> Any:
+    """The TensorStore context for our own reads of ``path``: bounded retries on a bucket."""
+    return _bucket.ts_context() if is_bucket(path) else None
+
+
+def timeout(path: AnyPath) -> float | None:
+    """Seconds one read of ``path`` may wait; None (no bound) for a local file."""
+    return _bucket.timeout() if is_bucket(path) else None
+
+
+def storage_error(path: AnyPath, err: BaseException) -> Exception | None:
+    """The :class:`StorageError` for a transport failure on a bucket; None for anything else
+    (a damaged file is the caller's to report)."""
+    return _bucket.error(path, err) if is_bucket(path) else None
+
+
+def guarded(path: AnyPath, fn: Callable[[], T]) -> T:
+    """``fn()``, a read of ``path`` through Orbax or TensorStore: bounded in time on a bucket
+    (see :func:`nnx_ckpt_widgets._bucket.guarded`), called as is for a local path."""
+    return _bucket.guarded(path, fn) if is_bucket(path) else fn()
+
+
+def concurrently(path: AnyPath, fn: Callable[[R], T], items: Iterable[R]) -> list[T]:
+    """``[fn(x) for x in items]``; on a bucket, where each call waits on the network, several
+    at a time (the first exception is raised, as in the loop)."""
+    todo = list(items)
+    if not is_bucket(path) or len(todo) < 2:
+        return [fn(x) for x in todo]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+        # Each call in a copy of this context, so one_look() holds in the helper threads too.
+        futures = [pool.submit(contextvars.copy_context().run, fn, x) for x in todo]
+        return [future.result() for future in futures]
 
 
 def read_json(file: AnyPath, what: str) -> Any:
@@ -122,6 +223,11 @@ def read_json(file: AnyPath, what: str) -> Any:
 
 def size(path: AnyPath) -> int:
     """A file's size in bytes (raises ``OSError``)."""
+    if is_bucket(path):
+        found = _bucket.info(path)
+        if found is None or found.get("type") != "file":
+            raise FileNotFoundError(f"{path} is missing")
+        return int(found["size"])
     return os.path.getsize(path)
 
 
@@ -146,6 +252,8 @@ def read_into(path: AnyPath, offset: int, buffer: memoryview) -> int:
 
 def read_range(path: AnyPath, offset: int, length: int) -> bytes:
     """Read ``length`` bytes at ``offset`` of a file, or fewer at its end (raises ``OSError``)."""
+    if is_bucket(path):
+        return _bucket.read_range(path, offset, length)
     with open(path, "rb") as handle:
         handle.seek(offset)
         return handle.read(length)

@@ -556,7 +556,8 @@ def compare(
     """Compare a checkpoint's keys, shapes and dtypes with a target's, from metadata only.
 
     Args:
-      path: a checkpoint folder, a ``CheckpointManager`` root, or a step folder.
+      path: a checkpoint folder, a ``CheckpointManager`` root, or a step folder; local or
+        ``gs://``.
       target: a model (concrete, or abstract from ``nnx.eval_shape``), any NNX graph node such
         as ``nnx.Optimizer``, or an ``nnx.State``.
       step: under a manager root, the step to compare; the latest by default.

@@ -20,6 +20,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidArgumentError",
     "ItemSelectionError",
+    "StorageError",
     "UnknownLayoutError",
 ]
 
@@ -71,6 +72,12 @@ class UnknownLayoutError(CheckpointError):
 
 class ItemSelectionError(CheckpointError):
     """A step holds several items and ``item=`` did not pick exactly one of them."""
+
+
+class StorageError(CheckpointError):
+    """The storage under a checkpoint cannot be used: a bucket that does not answer in time,
+    refuses the credentials, or needs a package that is not installed. The message names the
+    URL; nothing was changed."""
 
 
 class InvalidArgumentError(CheckpointError, ValueError, TypeError):

@@ -51,6 +51,11 @@ _POLL_SECONDS = 0.05
 # turn it off; its count and order vary from run to run. It writes the message in pieces, and
 # two threads (one per local device) may interleave them: see _GlooFilter.
 _GLOO_START = "[Gloo] Rank "
+# TensorStore's C++ notice, on a process's first request to a GCS emulator, that it uses the
+# emulator's test token (nnx_ckpt_widgets.emulator): dropped like gloo's chatter.
+_TEST_TOKEN_NOTICE = re.compile(
+    r"google_auth_provider\.cc:\d+\] Using GOOGLE_AUTH_TOKEN_FOR_TESTING$"
+)
 _GLOO_PIECE = re.compile(
     r"\[Gloo\] Rank |\d+| is connected to | peer ranks\. "
     r"|Expected number of connected peer ranks is : "
@@ -214,6 +219,8 @@ def run(
     def emit(index: int, is_err: bool, line: str) -> None:  # called by the reader threads
         with lock:
             if not (show_gloo or is_err) and gloo[index].is_chatter(line):
+                return
+            if is_err and not show_gloo and _TEST_TOKEN_NOTICE.search(line):
                 return
             if grouped:
                 held[index].append((is_err, line))

@@ -203,7 +203,8 @@ def inspect(
     Args:
       path: a checkpoint (an ``nnx.State`` or a pure dict) written by Orbax v0's
         ``StandardCheckpointer`` or v1's ``ocp.v1.save`` / ``save_checkpointables``, a root
-        of steps (``CheckpointManager``, ``training.Checkpointer``), or one step folder.
+        of steps (``CheckpointManager``, ``training.Checkpointer``), or one step folder;
+        local, or in a bucket as a ``gs://`` URL or an ``etils.epath.Path``.
       step: under a root of steps, the step to read; the latest restorable one by default.
       item: the item (checkpointable) to read when there are several (e.g. ``"model"``).
 

@@ -61,7 +61,7 @@ def restore(
 
     Args:
       path: a checkpoint folder (``nnx.State`` or pure dict), a ``CheckpointManager`` root, or
-        a step folder.
+        a step folder; local or ``gs://``.
       target: a model, any NNX graph node such as ``nnx.Optimizer``, or an ``nnx.State``;
         concrete, or abstract from ``nnx.eval_shape`` (its Variables then receive arrays).
       step: under a manager root, the step to restore; the latest by default.

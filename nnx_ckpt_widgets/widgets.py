@@ -36,7 +36,8 @@ class CheckpointBrowser(w.VBox):
     """Browse a checkpoint from its metadata and, given a model, restore it into the model.
 
     Args:
-      path: a checkpoint folder, a ``CheckpointManager`` root, or one of its step folders.
+      path: a checkpoint folder, a ``CheckpointManager`` root, or one of its step folders;
+        local or ``gs://``.
       model: an NNX model (or other graph node, or ``nnx.State``) to compare and restore into.
       step: under a manager root, the step to open; the latest by default.
       item: the item to open when a step holds several.

@@ -60,13 +60,15 @@ def locate(
       InvalidArgumentError: ``step`` was given for a single checkpoint.
     """
     root = _storage.as_path(path)
+    with _storage.one_look():
+        return _locate(root, step, item)
+
+
+def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Location:
     listing = _storage.listdir(root)
     if listing is None:
         if not _storage.exists(root):
-            raise CheckpointNotFoundError(
-                f"No checkpoint at {root}: the path does not exist; check the spelling or the "
-                "working directory."
-            )
+            raise _storage.not_found(root)
         listing = _storage.Listing(root, frozenset(), frozenset(), is_file=True)
         for layout in LAYOUTS:
             if layout.matches(listing):

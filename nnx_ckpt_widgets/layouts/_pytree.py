@@ -130,9 +130,16 @@ def _read_key_impls(item_dir: AnyPath) -> dict[str, str]:
 
 def _read_shardings(item_dir: AnyPath) -> dict[str, str]:
     file = item_dir / _SHARDING_FILE
-    if not _storage.exists(file):
+    try:  # one request on a bucket, where asking whether it exists first would be two
+        text = _storage.read_bytes(file)
+    except FileNotFoundError:
         return {}
-    raw = _storage.read_json(file, "shardings")
+    except OSError:
+        text = b""  # unreadable: reported as damage just below
+    try:
+        raw = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        raw = None
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} is not a JSON object; "
@@ -180,11 +187,17 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     import tensorstore as ts
 
     header = "zarr.json" if zarr3 else ".zarray"
+    spec = {"driver": "ocdbt", "base": _storage.kvstore(item_dir)}
+    wait = _storage.timeout(item_dir)
     try:
-        store = ts.KvStore.open({"driver": "ocdbt", "base": _storage.kvstore(item_dir)}).result()
+        store = ts.KvStore.open(spec, context=_storage.ts_context(item_dir)).result(timeout=wait)
+        # All reads are issued before the first wait: TensorStore batches and overlaps them.
         futures = [store.read(f"{name}/{header}") for name in names]
-        results = [f.result() for f in futures]
-    except (ValueError, RuntimeError, OSError) as err:
+        results = [f.result(timeout=wait) for f in futures]
+    except (ValueError, RuntimeError, OSError, TimeoutError) as err:
+        transport = _storage.storage_error(item_dir, err)
+        if transport is not None:
+            raise transport from err
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
             f"read ({first_line(err)}); restore it from a copy or save it again."
@@ -228,7 +241,11 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
     import orbax.checkpoint as ocp
 
     try:
-        metadata = ocp.PyTreeCheckpointHandler().metadata(_storage.absolute(item_dir))
+        metadata = _storage.guarded(
+            item_dir, lambda: ocp.PyTreeCheckpointHandler().metadata(_storage.absolute(item_dir))
+        )
+    except CheckpointError:
+        raise
     except Exception as err:  # Orbax raises many unrelated types for damaged metadata.
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} is damaged: Orbax cannot read its metadata "
@@ -304,14 +321,24 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             request.stored_path,
             ocp.ArrayRestoreArgs(sharding=sharding, dtype=request.dtype),
         )
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(
+
+    def restore() -> Any:
+        # The handler, not a Checkpointer: on a bucket a Checkpointer wants commit_success.txt
+        # in the folder itself, but a step's or a v1 checkpoint's items are finished by the
+        # marker one level up, which locate() has already checked.
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            return handler.restore(
                 _storage.absolute(item_dir),  # Orbax rejects relative paths; we accept them
                 args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=True
                 ),
             )
+        finally:
+            handler.close()
+
+    try:
+        restored = _storage.guarded(item_dir, restore)
         return [_get(restored, request.stored_path) for request in requests]
     except CheckpointError:
         raise

@@ -166,6 +166,14 @@ def read_step(
     """
     if metadata is None:
         metadata = step_metadata(listing)
+    if metadata is None and _storage.is_bucket(listing.path) and COMMIT_MARKER not in listing:
+        # A bucket has no atomic rename: Orbax writes the step folder in place and marks it
+        # finished with commit_success.txt last; a folder still without either is a save
+        # that is running or was killed.
+        raise IncompleteCheckpointError(
+            f"Checkpoint at {listing.path} is incomplete: the save was interrupted (no commit "
+            "marker); save it again or pick another checkpoint."
+        )
     check_committed(listing, metadata)
     items = items_of(listing, metadata)
     info = StepInfo(
@@ -201,23 +209,17 @@ def locate_root(layout: Layout, listing: Listing, step: int | None, item: str | 
     custom: dict[int, dict[str, Any]] = {}
     unfinished = [n for n in listing.names if TMP_MARKER in n]
     damaged: dict[int, CorruptCheckpointError] = {}
-    for name in sorted(step_candidates(listing), key=lambda n: step_number(n) or 0):
-        number = step_number(name)
-        sub = _storage.listdir(root / name)
-        if number is None or sub is None:
-            continue
-        if STEP_METADATA not in sub.files and not name.isdigit():
-            continue  # a prefixed name such as "run_3" may be anything: not a step
-        try:
-            info, metadata = read_step(sub, number)
-        except IncompleteCheckpointError:
+    names = sorted(step_candidates(listing), key=lambda n: step_number(n) or 0)
+    # Each step is a listing and a file or two: on a bucket they are read several at a time.
+    for name, number, outcome in _storage.concurrently(root, lambda n: _try_step(root, n), names):
+        if isinstance(outcome, IncompleteCheckpointError):
             unfinished.append(name)  # like a tmp folder: never offered, named if asked for
-            continue
-        except CorruptCheckpointError as err:
-            damaged[number] = err  # one bad step must not hide the good ones
-            continue
-        steps.append(info)
-        custom[number] = custom_metadata(metadata)
+        elif isinstance(outcome, CorruptCheckpointError):
+            damaged[number] = outcome  # one bad step must not hide the good ones
+        elif outcome is not None:
+            info, metadata = outcome
+            steps.append(info)
+            custom[number] = custom_metadata(metadata)
     chosen = _pick_step(root, tuple(steps), unfinished, damaged, step)
     return pick_item(
         layout,
@@ -230,6 +232,22 @@ def locate_root(layout: Layout, listing: Listing, step: int | None, item: str | 
         steps=tuple(steps),
         custom=custom.get(chosen.step, {}),
     )
+
+
+def _try_step(root: AnyPath, name: str) -> tuple[str, int, Any]:
+    """``(name, number, outcome)`` of one step folder: its ``(StepInfo, metadata)``, the
+    error that keeps it from being offered, or None when it is not a step at all."""
+    number = step_number(name)
+    assert number is not None, "only step names are tried"
+    sub = _storage.listdir(root / name)
+    if sub is None:
+        return name, number, None
+    if STEP_METADATA not in sub.files and not name.isdigit():
+        return name, number, None  # a prefixed name such as "run_3" may be anything: not a step
+    try:
+        return name, number, read_step(sub, number)
+    except (IncompleteCheckpointError, CorruptCheckpointError) as err:
+        return name, number, err
 
 
 def _pick_step(

@@ -23,6 +23,7 @@ key path ``model/layers/0/mlp/up_proj/weight``, so it folds and renames like any
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -366,7 +367,8 @@ class SafetensorsLayout:
             with context, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Explicitly requested dtype", UserWarning)
                 for file, target in wanted.items():
-                    values.update(v1.load(_file_path(file), target))
+                    path = _file_path(file)
+                    values.update(_storage.guarded(path, functools.partial(v1.load, path, target)))
         except CheckpointError:
             raise
         except Exception as err:  # Orbax raises ValueError, OSError, ... for damaged data

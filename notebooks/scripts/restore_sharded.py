@@ -3,22 +3,21 @@
     python -m nnx_ckpt_widgets.launch --num-processes 4 --devices-per-process 1 \\
         notebooks/scripts/restore_sharded.py OUTDIR
 
-OUTDIR is the folder given to save_sharded.py; the checkpoint is OUTDIR/state.
+OUTDIR is the folder (or gs:// URL) given to save_sharded.py; the checkpoint is OUTDIR/state.
 """
 
 import sys
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from sharded_mlp import DIM, RESTORE_AXES, TwoLayerMLP, checksums, describe_shards
+from sharded_mlp import DIM, RESTORE_AXES, TwoLayerMLP, checkpoint_path, checksums, describe_shards
 
 from nnx_ckpt_widgets.launch import initialize
 
 initialize()  # connect the processes: before any JAX computation
 
-path = Path(sys.argv[1]).absolute() / "state"
+path = checkpoint_path(sys.argv[1])
 mesh = jax.make_mesh((4,), ("model",))
 # The target: shapes, dtypes and the new shardings, computed without creating any array.
 graphdef, abstract_state = nnx.get_abstract_model(

@@ -3,18 +3,18 @@
     python -m nnx_ckpt_widgets.launch --num-processes 2 --devices-per-process 2 \\
         notebooks/scripts/save_sharded.py OUTDIR
 
-The checkpoint goes to OUTDIR/state. If that exists, the script stops before touching it,
-unless --force is given: then Orbax deletes it and saves anew.
+The checkpoint goes to OUTDIR/state; OUTDIR may be a local folder or a bucket, gs://BUCKET/DIR.
+If that exists, the script stops before touching it, unless --force is given: then Orbax
+deletes it and saves anew. Under a cluster's launcher (mpirun, srun) it runs unchanged.
 """
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from sharded_mlp import DIM, SAVE_AXES, TwoLayerMLP, checksums, describe_shards
+from sharded_mlp import DIM, SAVE_AXES, TwoLayerMLP, checkpoint_path, checksums, describe_shards
 
 from nnx_ckpt_widgets.launch import initialize
 
@@ -22,7 +22,7 @@ parser = argparse.ArgumentParser(description="Save a sharded TwoLayerMLP to OUTD
 parser.add_argument("outdir")
 parser.add_argument("--force", action="store_true", help="replace an existing OUTDIR/state")
 args = parser.parse_args()
-path = Path(args.outdir).absolute() / "state"
+path = checkpoint_path(args.outdir)
 if path.exists() and not args.force:  # every process checks, before any of them saves
     sys.exit(f"error: {path} already exists; pass --force to replace it.")
 

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -55,6 +57,17 @@ class TwoLayerMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear2(self.linear1(x))
+
+
+def checkpoint_path(outdir: str) -> epath.Path:
+    """``OUTDIR/state``: a local folder, made absolute as Orbax wants, or a ``gs://`` URL.
+
+    ``etils.epath`` is Orbax's own path type: the same script saves to a shared file system
+    or to a bucket.
+    """
+    if "://" in outdir:
+        return epath.Path(outdir) / "state"
+    return epath.Path(os.path.abspath(outdir)) / "state"
 
 
 def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:

@@ -1,0 +1,274 @@
+"""Checkpoints in a Google Cloud Storage bucket (``gs://``), the storage Orbax writes natively.
+
+Paths are ``etils.epath.Path`` objects, as Orbax uses them; they print as ``gs://bucket/...``
+and are never turned into local paths. Listings and small files go through gcsfs, the file
+system ``etils.epath`` uses for ``gs://`` (one listing request per folder); byte ranges go
+through TensorStore's ``gcs`` key-value store, as Orbax's own array reads do.
+
+Every request is bounded: gcsfs calls get a timeout, TensorStore reads a bounded retry
+policy, and the Orbax calls a layout makes run under :func:`guarded`, a watchdog, because
+Orbax's own TensorStore context retries a dead endpoint for many minutes. A bucket that does
+not answer gives a :class:`~nnx_ckpt_widgets.errors.StorageError` naming the URL, never a
+hang. ``NNX_CKPT_GCS_TIMEOUT`` (seconds, default 60) sets the bound.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, StorageError, first_line
+
+SCHEME = "gs://"
+TIMEOUT_ENV = "NNX_CKPT_GCS_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+EXTRA = 'pip install "nnx-ckpt-widgets[gcs]"'
+# TensorStore's words for a request that never got an answer (not for a damaged file).
+_TRANSPORT_MARKERS = (
+    "CURL error",
+    "retry attempts failed",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "Connection refused",
+    "Could not connect",
+    "Failed to connect",
+)
+_DENIED_MARKERS = ("PERMISSION_DENIED", "UNAUTHENTICATED")
+T = TypeVar("T")
+
+
+def timeout() -> float:
+    """Seconds any one bucket request (or one guarded Orbax call) may take."""
+    try:
+        return max(0.1, float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def is_bucket(path: Any) -> bool:
+    return str(path).startswith(SCHEME)
+
+
+def as_path(text: str) -> Any:
+    """The ``etils.epath.Path`` of a ``gs://`` URL.
+
+    Raises:
+      StorageError: gcsfs, which etils.epath needs for ``gs://``, is not installed.
+    """
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError as err:
+        raise StorageError(
+            f"Cannot read {text}: reading gs:// buckets needs gcsfs, which is not installed; "
+            f"install it with {EXTRA}."
+        ) from err
+    from etils import epath
+
+    if not text[len(SCHEME) :].strip("/"):
+        raise InvalidArgumentError(
+            f"Cannot read {text}: the URL names no bucket; pass gs://BUCKET/PATH."
+        )
+    return epath.Path(text.rstrip("/"))
+
+
+def split(path: Any) -> tuple[str, str]:
+    """``("bucket", "a/b")`` of ``gs://bucket/a/b``."""
+    bucket, _, key = str(path)[len(SCHEME) :].partition("/")
+    return bucket, key.strip("/")
+
+
+def _fs() -> Any:
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def _key(path: Any) -> str:
+    return str(path)[len(SCHEME) :].rstrip("/")
+
+
+def error(path: Any, err: BaseException) -> StorageError | None:
+    """A :class:`StorageError` naming ``path`` when ``err`` (or what it chains) is a transport
+    failure rather than a damaged or missing file; None otherwise."""
+    import asyncio
+
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    seconds = f"{timeout():g}"
+    for inner in chain:
+        if isinstance(inner, StorageError):
+            return inner
+        if isinstance(inner, (TimeoutError, asyncio.TimeoutError)) or type(inner).__name__ in (
+            "FSTimeoutError",
+        ):
+            return StorageError(
+                f"Cannot read {path}: the bucket did not answer within {seconds} s; check the "
+                f"network and the bucket (set {TIMEOUT_ENV} to wait longer)."
+            )
+        text = str(inner)
+        if getattr(inner, "code", None) in (401, 403) or any(m in text for m in _DENIED_MARKERS):
+            return StorageError(
+                f"Cannot read {path}: access denied ({first_line(inner, 120)}); sign in with "
+                "`gcloud auth application-default login` or check the bucket's permissions."
+            )
+        if any(marker in text for marker in _TRANSPORT_MARKERS) or _is_connection_error(inner):
+            return StorageError(
+                f"Cannot read {path}: the bucket cannot be reached ({first_line(inner, 160)}); "
+                "check the network, or that the storage emulator is running."
+            )
+    return None
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    if isinstance(err, ConnectionError):
+        return True
+    module = type(err).__module__ or ""
+    return module.startswith("aiohttp") and "Connect" in type(err).__name__
+
+
+def _call(path: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A gcsfs call with the timeout; transport failures become :class:`StorageError`."""
+    try:
+        return fn(*args, timeout=timeout(), **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise (error(path, err) or err) from err
+
+
+def listdir(path: Any) -> tuple[frozenset[str], frozenset[str]] | None:
+    """``(files, dirs)`` of a folder in one listing request; None when nothing is there or it is
+    one object (a file)."""
+    fs = _fs()
+    key = _key(path)
+    try:
+        entries = _call(path, fs.ls, key, detail=True, refresh=True)
+    except FileNotFoundError:
+        return None
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for entry in entries:
+        name = str(entry.get("name", "")).rstrip("/")
+        if name == key and entry.get("type") != "directory":
+            return None  # the listing of an object is the object itself
+        (dirs if entry.get("type") == "directory" else files).add(name.rsplit("/", 1)[-1])
+    return frozenset(files), frozenset(dirs)
+
+
+def info(path: Any) -> dict[str, Any] | None:
+    """The object's (or folder's) description; None when it is not there."""
+    try:
+        return _call(path, _fs().info, _key(path))
+    except FileNotFoundError:
+        return None
+
+
+def bucket_exists(path: Any) -> bool:
+    bucket, _ = split(path)
+    try:
+        _call(path, _fs().info, bucket)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_bytes(path: Any) -> bytes:
+    """One small object, whole (``FileNotFoundError`` when it is missing)."""
+    return _call(path, _fs().cat_file, _key(path))
+
+
+_STORES: dict[str, Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def ts_context() -> Any:
+    """A TensorStore context whose gcs requests give up in seconds, not minutes."""
+    import tensorstore as ts
+
+    return ts.Context(
+        {"gcs_request_retries": {"max_retries": 4, "initial_delay": "0.1s", "max_delay": "1s"}}
+    )
+
+
+def kvstore(path: Any) -> dict[str, Any]:
+    """The TensorStore spec of a folder in a bucket."""
+    bucket, key = split(path)
+    return {"driver": "gcs", "bucket": bucket, "path": f"{key}/" if key else ""}
+
+
+def read_range(path: Any, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of an object, through TensorStore's gcs driver."""
+    import tensorstore as ts
+
+    bucket, key = split(path)
+    try:
+        with _STORES_LOCK:
+            if bucket not in _STORES:
+                spec = {"driver": "gcs", "bucket": bucket}
+                _STORES[bucket] = ts.KvStore.open(spec, context=ts_context()).result(
+                    timeout=timeout()
+                )
+            store = _STORES[bucket]
+        result = store.read(key, byte_range=slice(offset, offset + length)).result(
+            timeout=timeout()
+        )
+    except Exception as err:
+        raise (error(path, err) or OSError(f"cannot read {path}: {first_line(err)}")) from err
+    if result.state != "value":
+        raise FileNotFoundError(f"{path} is missing")
+    return bytes(result.value)
+
+
+_ABANDONED: list[threading.Thread] = []
+
+
+def abandoned() -> list[threading.Thread]:
+    """The guarded reads given up on that are still running (Orbax retrying on its own)."""
+    _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()]
+    return list(_ABANDONED)
+
+
+def guarded(path: Any, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (an Orbax or TensorStore read of ``path``) under the watchdog.
+
+    Orbax's TensorStore context retries an endpoint that refuses connections for many
+    minutes; the call runs in a helper thread, and when it has not returned within
+    :func:`timeout` seconds the caller gets a :class:`StorageError` at once. The abandoned
+    read only ever fills buffers of its own, never the caller's target.
+
+    Raises:
+      StorageError: no answer in time, or a transport failure.
+    """
+    import contextvars
+
+    outcome: list[Any] = []
+    context = contextvars.copy_context()  # Orbax v1's Context (the layout to read) is one
+
+    def work() -> None:
+        try:
+            outcome.append((True, context.run(fn)))
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append((False, err))
+
+    worker = threading.Thread(target=work, name=f"nnx-ckpt read {path}", daemon=True)
+    worker.start()
+    worker.join(timeout())
+    if not outcome:
+        _ABANDONED.append(worker)
+        raise StorageError(
+            f"Cannot read {path}: the bucket did not answer within {timeout():g} s; check the "
+            f"network and the bucket (set {TIMEOUT_ENV} to wait longer)."
+        )
+    ok, value = outcome[0]
+    if ok:
+        return value
+    if not isinstance(value, CheckpointError):
+        transport = error(path, value)
+        if transport is not None:
+            raise transport from value
+    raise value
