@@ -25,7 +25,13 @@ from typing import Any
 
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets._storage import AnyPath
-from nnx_ckpt_widgets.errors import CheckpointError, CorruptCheckpointError, first_line, is_bare
+from nnx_ckpt_widgets.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StorageError,
+    first_line,
+    is_bare,
+)
 from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StoredLeaf
 
 _log = logging.getLogger(__name__)
@@ -123,6 +129,8 @@ def _read_key_impls(item_dir: AnyPath) -> dict[str, str]:
                 impl = (meta.get("ext_metadata") or {}).get("random_key_impl")
                 if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
                     found[meta["param_name"]] = impl
+        except StorageError:
+            raise  # the bucket did not answer: not a statement about keys
         except (CheckpointError, AttributeError, TypeError):
             continue
     return found
