@@ -118,7 +118,7 @@ class StatsReport:
 
     def rows(self, digits: int = 4) -> list[tuple[str, ...]]:
         header = ("key", "shape", "dtype", "min", "max", "mean", "std", "norm", "nan", "inf")
-        rows: list[tuple[str, ...]] = [(*header, "zeros")]
+        rows: list[tuple[str, ...]] = [(*header, "zero frac")]
         for pattern, group in self.groups():
             row = merge(group)
             count = f"{len(group)} × " if len(group) > 1 else ""
