@@ -193,3 +193,17 @@ def one_line(err: BaseException, width: int = 300) -> str:
     from nnx_ckpt_widgets.errors import first_line
 
     return clip(first_line(err, width=None), width)
+
+
+def show_progress(
+    bar: Any, text: Any, box: Any, done: int, total: int, elapsed: float, css: str
+) -> None:
+    """Fill a panel's progress row: the bar, "done of total · elapsed", and show the row."""
+    from nnx_ckpt_widgets._text import human_bytes
+
+    bar.value = done / total if total else 0.0
+    text.value = (
+        f'<span class="nnx-ckpt-text {css}">'
+        f"{human_bytes(done)} of {human_bytes(total)} · {elapsed:.1f} s</span>"
+    )
+    box.layout.display = "flex"

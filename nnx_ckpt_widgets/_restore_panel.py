@@ -26,7 +26,7 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text, render
-from nnx_ckpt_widgets._display import one_line
+from nnx_ckpt_widgets._display import one_line, show_progress
 from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
 from nnx_ckpt_widgets.restore import apply_report
@@ -228,13 +228,14 @@ class RestorePanel(w.VBox):
         self._progress = (done, total)
 
     def _show_progress(self, elapsed: float) -> None:
-        done, total = self._progress
-        self.bar.value = done / total if total else 0.0
-        self.bar_text.value = (
-            '<span class="nnx-ckpt-text nnx-ckpt-progress-text">'
-            f"{_text.human_bytes(done)} of {_text.human_bytes(total)} · {elapsed:.1f} s</span>"
+        show_progress(
+            self.bar,
+            self.bar_text,
+            self.progress,
+            *self._progress,
+            elapsed,
+            "nnx-ckpt-progress-text",
         )
-        self.progress.layout.display = "flex"
 
     def _run(self, report: LoadReport, options: dict[str, Any]) -> None:
         nbytes = report.read_bytes

@@ -23,7 +23,7 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text
-from nnx_ckpt_widgets._display import one_line
+from nnx_ckpt_widgets._display import one_line, show_progress
 from nnx_ckpt_widgets.diff import DiffReport, diff_html, diff_infos
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.render import esc
@@ -166,13 +166,14 @@ class ValuesPanel(w.VBox):
         self._progress = (done, total)
 
     def _show_progress(self, elapsed: float) -> None:
-        done, total = self._progress
-        self.bar.value = done / total if total else 0.0
-        self.bar_text.value = (
-            '<span class="nnx-ckpt-text nnx-ckpt-values-progress-text">'
-            f"{_text.human_bytes(done)} of {_text.human_bytes(total)} · {elapsed:.1f} s</span>"
+        show_progress(
+            self.bar,
+            self.bar_text,
+            self.progress,
+            *self._progress,
+            elapsed,
+            "nnx-ckpt-values-progress-text",
         )
-        self.progress.layout.display = "flex"
 
     def _run_values(self, name: str, leaves: Sequence[LeafInfo]) -> None:
         what = f"{_text.plural(len(leaves), 'array')} of {name or 'the checkpoint'}"
