@@ -195,15 +195,38 @@ def one_line(err: BaseException, width: int = 300) -> str:
     return clip(first_line(err, width=None), width)
 
 
-def show_progress(
-    bar: Any, text: Any, box: Any, done: int, total: int, elapsed: float, css: str
-) -> None:
-    """Fill a panel's progress row: the bar, "done of total · elapsed", and show the row."""
-    from nnx_ckpt_widgets._text import human_bytes
+class ProgressRow:
+    """A panel's progress row: a bar and "done of total · elapsed", hidden until shown.
 
-    bar.value = done / total if total else 0.0
-    text.value = (
-        f'<span class="nnx-ckpt-text {css}">'
-        f"{human_bytes(done)} of {human_bytes(total)} · {elapsed:.1f} s</span>"
-    )
-    box.layout.display = "flex"
+    ``update`` is the ``progress(done, total)`` callback, called from the worker thread; the
+    panel's ticker calls ``show`` with the elapsed time and ``hide`` when the work ends.
+    """
+
+    def __init__(self, box_class: str, text_class: str) -> None:
+        import ipywidgets as w
+
+        self.text_class = text_class
+        self.done = self.total = 0
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px"))
+        self.text = w.HTML()
+        self.box = w.HBox(
+            [self.bar, self.text], layout=w.Layout(display="none", align_items="center")
+        )
+        self.box.add_class(box_class)
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def show(self, elapsed: float) -> None:
+        from nnx_ckpt_widgets._text import human_bytes
+
+        done, total = self.done, self.total
+        self.bar.value = done / total if total else 0.0
+        self.text.value = (
+            f'<span class="nnx-ckpt-text {self.text_class}">'
+            f"{human_bytes(done)} of {human_bytes(total)} · {elapsed:.1f} s</span>"
+        )
+        self.box.layout.display = "flex"
+
+    def hide(self) -> None:
+        self.box.layout.display = "none"

@@ -26,7 +26,7 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text, render
-from nnx_ckpt_widgets._display import one_line, show_progress
+from nnx_ckpt_widgets._display import ProgressRow, one_line
 from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
 from nnx_ckpt_widgets.restore import apply_report
@@ -78,7 +78,6 @@ class RestorePanel(w.VBox):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._syncing = False  # set while the panel itself moves option values
-        self._progress = (0, 0)  # bytes read and bytes to read, from the restoring thread
         self._lenient = {"missing": "keep", "unexpected": "ignore", "cast": False}
         self.report_html = w.HTML()
         self.mode = w.ToggleButtons(
@@ -107,12 +106,8 @@ class RestorePanel(w.VBox):
         self.button.layout.width = "auto"
         self.button.layout.min_width = "max-content"
         self.button.add_class("nnx-ckpt-restore")
-        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px"))
-        self.bar_text = w.HTML()
-        self.progress = w.HBox(
-            [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
-        )
-        self.progress.add_class("nnx-ckpt-progress")
+        self._row = ProgressRow("nnx-ckpt-progress", "nnx-ckpt-progress-text")
+        self.bar, self.bar_text, self.progress = self._row.bar, self._row.text, self._row.box
         self.status_html = w.HTML()
         for option in (self.mode, self.missing, self.unexpected, self.cast):
             option.observe(self._options_changed, "value")
@@ -224,23 +219,10 @@ class RestorePanel(w.VBox):
             )
             self._thread.start()
 
-    def _on_progress(self, done: int, total: int) -> None:
-        self._progress = (done, total)
-
-    def _show_progress(self, elapsed: float) -> None:
-        show_progress(
-            self.bar,
-            self.bar_text,
-            self.progress,
-            *self._progress,
-            elapsed,
-            "nnx-ckpt-progress-text",
-        )
-
     def _run(self, report: LoadReport, options: dict[str, Any]) -> None:
         nbytes = report.read_bytes
         what = f"{_text.plural(len(report.to_read), 'array')} ({_text.human_bytes(nbytes)})"
-        self._progress = (0, nbytes)
+        self._row.update(0, nbytes)
         start = time.perf_counter()
         done = threading.Event()
 
@@ -249,13 +231,13 @@ class RestorePanel(w.VBox):
                 elapsed = time.perf_counter() - start
                 self._set_status("running", f"Restoring {what}…", f"{elapsed:.1f} s")
                 if elapsed >= PROGRESS_AFTER:
-                    self._show_progress(elapsed)
+                    self._row.show(elapsed)
 
         self._set_status("running", f"Restoring {what}…", "0.0 s")
         ticker = threading.Thread(target=tick, name="nnx-ckpt-restore-tick", daemon=True)
         ticker.start()
         try:
-            result = apply_report(report, self.model, progress=self._on_progress, **options)
+            result = apply_report(report, self.model, progress=self._row.update, **options)
         except Exception as err:  # every failure becomes the status line; the model is intact
             done.set()
             ticker.join()
@@ -275,7 +257,7 @@ class RestorePanel(w.VBox):
             outcome = (result.outcome or "Restored").rstrip(".")
             self._set_status("done", outcome, f"in {self.elapsed:.2f} s")
         finally:
-            self.progress.layout.display = "none"
+            self._row.hide()
             self.running = False
             self._enable(True)
 

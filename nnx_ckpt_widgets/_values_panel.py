@@ -23,7 +23,7 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text
-from nnx_ckpt_widgets._display import one_line, show_progress
+from nnx_ckpt_widgets._display import ProgressRow, one_line
 from nnx_ckpt_widgets.diff import DiffReport, diff_html, diff_infos
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.render import esc
@@ -60,7 +60,6 @@ class ValuesPanel(w.VBox):
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._progress = (0, 0)
         self.values_button = w.Button(
             description="Values", icon="bar-chart", tooltip="read the selected arrays"
         )
@@ -81,12 +80,8 @@ class ValuesPanel(w.VBox):
         self.diff_button.add_class("nnx-ckpt-diff-button")
         self.diff_button.layout.width = "auto"
         self.diff_button.on_click(self._diff_clicked)
-        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="160px"))
-        self.bar_text = w.HTML()
-        self.progress = w.HBox(
-            [self.bar, self.bar_text], layout=w.Layout(display="none", align_items="center")
-        )
-        self.progress.add_class("nnx-ckpt-values-progress")
+        self._row = ProgressRow("nnx-ckpt-values-progress", "nnx-ckpt-values-progress-text")
+        self.bar, self.bar_text, self.progress = self._row.bar, self._row.text, self._row.box
         self.status_html = w.HTML()
         self.result_html = w.HTML()
         self.array_output = w.Output(layout=w.Layout(max_height="420px"))
@@ -145,7 +140,7 @@ class ValuesPanel(w.VBox):
         def tick() -> None:
             while not done.wait(_TICK):
                 if time.perf_counter() - start >= PROGRESS_AFTER:
-                    self._show_progress(time.perf_counter() - start)
+                    self._row.show(time.perf_counter() - start)
 
         ticker = threading.Thread(target=tick, name="nnx-ckpt-values-tick", daemon=True)
         ticker.start()
@@ -158,22 +153,9 @@ class ValuesPanel(w.VBox):
         finally:
             done.set()
             ticker.join()
-            self.progress.layout.display = "none"
+            self._row.hide()
             self.running = False
             self._enable(True)
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self._progress = (done, total)
-
-    def _show_progress(self, elapsed: float) -> None:
-        show_progress(
-            self.bar,
-            self.bar_text,
-            self.progress,
-            *self._progress,
-            elapsed,
-            "nnx-ckpt-values-progress-text",
-        )
 
     def _run_values(self, name: str, leaves: Sequence[LeafInfo]) -> None:
         what = f"{_text.plural(len(leaves), 'array')} of {name or 'the checkpoint'}"
@@ -181,9 +163,9 @@ class ValuesPanel(w.VBox):
         self.array = None
         self.array_output.outputs = ()
         if len(leaves) == 1:
-            report, array = _one_array(self.info, leaves[0], self._on_progress)
+            report, array = _one_array(self.info, leaves[0], self._row.update)
         else:
-            report, array = stats_of(self.info, leaves, progress=self._on_progress), None
+            report, array = stats_of(self.info, leaves, progress=self._row.update), None
         self.stats_report = report
         self.result_html.value = stats_html(report)
         if array is not None:
@@ -196,7 +178,7 @@ class ValuesPanel(w.VBox):
         self._set_status("running", f"Reading step {info.step} and step {other}…")
         other_info = inspect(info.path, step=other, item=info.item)
         keys = [leaf.name for leaf in leaves] if name else None
-        report = diff_infos(other_info, info, keys=keys, progress=self._on_progress)
+        report = diff_infos(other_info, info, keys=keys, progress=self._row.update)
         self.diff_report = report
         self.result_html.value = diff_html(report)
         self.array_output.outputs = ()

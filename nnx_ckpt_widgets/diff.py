@@ -465,24 +465,17 @@ def _compare(
 
 def diff_html(report: DiffReport, digits: int = 3) -> str:
     """The diff as an escaped HTML table."""
-    from nnx_ckpt_widgets._display import COLOURS
-    from nnx_ckpt_widgets.render import BOX_STYLE, esc
+    from nnx_ckpt_widgets.render import BOX_STYLE, esc, values_table_html
 
-    error_colour = COLOURS["failed"]  # readable on the light and the dark theme
-
-    rows = report.rows(digits)
-    head = "".join(f"<th>{esc(cell)}</th>" for cell in rows[0])
-    body = []
-    for row in rows[1:]:
-        bad = "appeared" in row[5] or row[0] in ("shape mismatch", "dtype mismatch")
-        style = f" style='color:{error_colour};font-weight:600'" if bad else ""
-        cells = "".join(f"<td>{esc(cell)}</td>" for cell in row)
-        body.append(f"<tr{style}>{cells}</tr>")
+    table = values_table_html(
+        report.rows(digits),
+        lambda row: "appeared" in row[5] or row[0] in ("shape mismatch", "dtype mismatch"),
+        align="left",
+    )
     select = f"<br>select: {esc(report.select)}" if report.select is not None else ""
     return (
         f'<div class="nnx-ckpt-diff" style="{BOX_STYLE}">'
         f"<b>Diff of {esc(report.a)}</b><br><b>and {esc(report.b)}</b><br>"
         f"{esc(report.summary())}{select}"
-        "<table class='nnx-ckpt-values-table' style='border-collapse:collapse;text-align:left'>"
-        f"<tr>{head}</tr>{''.join(body)}</table></div>"
+        f"{table}</div>"
     )

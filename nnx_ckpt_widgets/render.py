@@ -9,7 +9,7 @@ them.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nnx_ckpt_widgets import _keypaths
@@ -61,6 +61,37 @@ BOX_STYLE = (
 def esc(value: object) -> str:
     """HTML-escape anything, quotes included, so it can go into text and attributes."""
     return html.escape(str(value), quote=True)
+
+
+def values_table_html(
+    rows: Sequence[Sequence[str]],
+    flagged: Callable[[Sequence[str]], bool],
+    *,
+    cells: tuple[int, ...] | None = None,
+    align: str = "right",
+) -> str:
+    """An escaped table of text rows, the first being the header, as stats and diff draw them.
+
+    A flagged row is drawn in the error colour (readable on the light and the dark theme): the
+    whole row, or only its ``cells`` when they are given.
+    """
+    from nnx_ckpt_widgets._display import COLOURS
+
+    style = f" style='color:{COLOURS['failed']};font-weight:600'"
+    head = "".join(f"<th>{esc(cell)}</th>" for cell in rows[0])
+    body = []
+    for row in rows[1:]:
+        mark = flagged(row)
+        row_style = style if mark and cells is None else ""
+        tds = "".join(
+            f"<td{style if mark and cells is not None and i in cells else ''}>{esc(cell)}</td>"
+            for i, cell in enumerate(row)
+        )
+        body.append(f"<tr{row_style}>{tds}</tr>")
+    return (
+        f"<table class='nnx-ckpt-values-table' style='border-collapse:collapse;text-align:{align}'>"
+        f"<tr>{head}</tr>{''.join(body)}</table>"
+    )
 
 
 def _leaf_groups(leaves: Iterable[LeafInfo]) -> list[tuple[str, list[LeafInfo]]]:

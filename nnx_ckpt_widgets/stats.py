@@ -355,28 +355,19 @@ def stats_of(
 
 def stats_html(report: StatsReport, digits: int = 4) -> str:
     """The report as an escaped HTML table (every key and dtype goes through ``esc``)."""
-    from nnx_ckpt_widgets._display import COLOURS
-    from nnx_ckpt_widgets.render import BOX_STYLE, esc
+    from nnx_ckpt_widgets.render import BOX_STYLE, esc, values_table_html
 
-    error_colour = COLOURS["failed"]  # readable on the light and the dark theme
-
-    rows = report.rows(digits)
-    head = "".join(f"<th>{esc(cell)}</th>" for cell in rows[0])
-    body = []
-    for row in rows[1:]:
-        bad = row[8] not in ("0", "-") or row[9] not in ("0", "-")
-        style = f" style='color:{error_colour};font-weight:600'" if bad else ""
-        cells = "".join(
-            f"<td{style if i in (0, 8, 9) else ''}>{esc(cell)}</td>" for i, cell in enumerate(row)
-        )
-        body.append(f"<tr>{cells}</tr>")
+    table = values_table_html(
+        report.rows(digits),
+        lambda row: row[8] not in ("0", "-") or row[9] not in ("0", "-"),  # NaN or Inf
+        cells=(0, 8, 9),
+    )
     findings = "".join(f"<li>{esc(line)}</li>" for line in report.findings())
     select = f"<br>select: {esc(report.select)}" if report.select is not None else ""
     return (
         f'<div class="nnx-ckpt-stats" style="{BOX_STYLE}">'
         f"<b>Values of {esc(report.where)}</b><br>{esc(report.summary())}{select}"
-        "<table class='nnx-ckpt-values-table' style='border-collapse:collapse;text-align:right'>"
-        f"<tr>{head}</tr>{''.join(body)}</table>"
+        + table
         + (f"<ul style='margin:4px 0'>{findings}</ul>" if findings else "")
         + "</div>"
     )
