@@ -157,6 +157,29 @@ def test_empty_array_has_no_statistics():
     assert entry.size == 0 and entry.min is None and entry.zero_fraction is None
 
 
+def test_prng_keys_are_keys_when_orbax_reads_the_metadata(tmp_path):
+    """Without OCDBT the fast metadata reader steps aside for Orbax's, which gives a key
+    array's uint32 data; the keys are still listed as keys, and restore as keys."""
+    from nnx_ckpt_widgets.layouts import _pytree
+
+    path = tmp_path / "ckpt"
+    saved = nnx.Rngs(3)
+    saved.default()  # the key and the counter differ from a fresh Rngs(0)'s
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+        checkpointer.save(path, args=ocp.args.PyTreeSave(nnx.state(saved)))
+    with pytest.raises(_pytree.Unrecognised):
+        _pytree.read_fast(path)
+    entry = nw.stats(path, progress=False)["default/key"]
+    assert (entry.kind, entry.shape, entry.dtype) == ("key", (), "key<threefry2x32>")
+    target = nnx.Rngs(0)
+    nw.restore(path, target)
+    key_data = jax.random.key_data
+    np.testing.assert_array_equal(
+        key_data(target.default.key[...]), key_data(saved.default.key[...])
+    )
+    np.testing.assert_array_equal(target.default.count[...], saved.default.count[...])
+
+
 def test_chunked_moments_equal_one_pass(monkeypatch):
     """Chunks of 7 elements merged with Chan's formula give NumPy's figures."""
     monkeypatch.setattr(_values, "CHUNK", 7)

@@ -260,13 +260,15 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
             f"({first_line(err)}); restore it from a copy or save it again."
         ) from err
     tree = getattr(metadata, "tree", metadata)
+    # Orbax's metadata gives a key array's data (uint32), not that it held keys.
+    key_impls = _read_key_impls(item_dir)
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = entry_keys(path)
         shape = tuple(getattr(leaf, "shape", ()) or ())
         dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
-        sharding = getattr(leaf, "sharding", None)
-        leaves.append(StoredLeaf(keys, shape, dtype, _orbax_sharding(sharding)))
+        sharding = _orbax_sharding(getattr(leaf, "sharding", None))
+        leaves.append(StoredLeaf(keys, shape, dtype, sharding, key_impls.get(".".join(keys))))
     return leaves
 
 
