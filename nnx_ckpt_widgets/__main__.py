@@ -39,16 +39,26 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("other", nargs="?", help="the second checkpoint (default: PATH)")
             sub.add_argument(
                 "--steps",
-                type=int,
+                type=_step_or_latest,
                 nargs=2,
                 metavar=("A", "B"),
-                help="the step of each side, e.g. --steps 100 200 (default: latest)",
+                help="the step of each side, e.g. --steps 100 200, with - for the latest step "
+                "or a side that is not a root (default: latest)",
             )
         else:
             sub.add_argument(
                 "--step", type=int, help="step under a root of steps (default: latest)"
             )
-        sub.add_argument("--item", help="item (checkpointable) to read, e.g. model")
+        if name == "diff":
+            sub.add_argument(
+                "--item",
+                nargs="+",
+                metavar="NAME",
+                help="item (checkpointable) to read on both sides, e.g. model; or one per side, "
+                "with - for a side that holds one unnamed tree, e.g. --item - model",
+            )
+        else:
+            sub.add_argument("--item", help="item (checkpointable) to read, e.g. model")
         sub.add_argument(
             "--json", action="store_true", help="print JSON for scripts instead of a table"
         )
@@ -86,6 +96,29 @@ def _load_factory(spec: str):
         ) from err
 
 
+def _step_or_latest(text: str) -> int | None:
+    """A ``--steps`` value: a step number, or ``-`` for the latest (or no step at all)."""
+    if text == "-":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a step number or -: {text!r}") from None
+
+
+def _diff_items(items: list[str] | None) -> str | tuple[str | None, str | None] | None:
+    """``--item``'s one name (both sides) or two (one per side, ``-`` for none)."""
+    if items is None or len(items) == 1:
+        return None if items is None else items[0]
+    if len(items) != 2:
+        raise InvalidArgumentError(
+            f"--item takes one name (both sides) or two (one per side), got {len(items)}: "
+            f"{' '.join(items)}."
+        )
+    item_a, item_b = (None if name == "-" else name for name in items)
+    return item_a, item_b
+
+
 def _json(data: object) -> str:
     import json
 
@@ -115,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.path,
                 args.other,
                 steps=tuple(args.steps) if args.steps else None,
-                item=args.item,
+                item=_diff_items(args.item),
                 select=args.select,
                 progress=False if args.no_progress else None,
             )

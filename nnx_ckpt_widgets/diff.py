@@ -335,7 +335,7 @@ def diff(
     b: str | os.PathLike | None = None,
     *,
     steps: tuple[int | None, int | None] | None = None,
-    item: str | None = None,
+    item: str | tuple[str | None, str | None] | None = None,
     select: str | None = None,
     progress: ProgressArg = None,
 ) -> DiffReport:
@@ -346,7 +346,9 @@ def diff(
       b: the other checkpoint; leave it out to compare two steps of ``a``.
       steps: ``(step_a, step_b)``: with ``b`` left out, two steps of the root ``a``
         (``diff(root, steps=(100, 200))``); with ``b``, the step of each side (None: latest).
-      item: the item (checkpointable) to read on both sides, when they hold several.
+      item: the item (checkpointable) to read on both sides, when they hold several; or a
+        pair ``(item_a, item_b)``, e.g. ``(None, "model")`` to compare a plain checkpoint
+        with the ``model`` item of a training run's step.
       select: a regex searched in each key: only the arrays it matches are read.
       progress: as for :func:`nnx_ckpt_widgets.stats`.
 
@@ -354,8 +356,8 @@ def diff(
       A :class:`DiffReport`; ``str()`` of it starts with a one-line summary.
 
     Raises:
-      InvalidArgumentError: neither ``b`` nor ``steps`` is given, ``steps`` is not a pair, or
-        ``select`` is not a valid regex.
+      InvalidArgumentError: neither ``b`` nor ``steps`` is given, ``steps`` or a tuple ``item``
+        is not a pair, or ``select`` is not a valid regex.
       CheckpointError: a checkpoint cannot be found or read.
     """
     if steps is not None and (not isinstance(steps, (tuple, list)) or len(steps) != 2):
@@ -367,9 +369,18 @@ def diff(
             f"diff({str(a)!r}) needs a second side: pass another checkpoint, diff(a, b), or two "
             "steps of a root, diff(root, steps=(100, 200))."
         )
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise InvalidArgumentError(
+                f"item must be a name or a pair (item_a, item_b) such as (None, 'model'), got "
+                f"{item!r}."
+            )
+        item_a, item_b = item
+    else:
+        item_a = item_b = item
     step_a, step_b = steps if steps is not None else (None, None)
-    info_a = inspect(a, step=step_a, item=item)
-    info_b = inspect(b if b is not None else a, step=step_b, item=item)
+    info_a = inspect(a, step=step_a, item=item_a)
+    info_b = inspect(b if b is not None else a, step=step_b, item=item_b)
     return diff_infos(info_a, info_b, select=select, progress=progress)
 
 

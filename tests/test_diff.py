@@ -150,6 +150,25 @@ def test_bad_input(run, tmp_path):
     assert [e.key for e in report.entries] == ["head/kernel"] and report.select == "^head/"
 
 
+def test_one_item_per_side(run, tmp_path):
+    """A plain checkpoint against the ``state`` item of a root's step: one item per side."""
+    exported = {"layers": layers(48, 0.5, 3), "head": {"kernel": np.ones((3, 2), np.float32)}}
+    plain = save_checkpoint(tmp_path / "export", exported)
+    with pytest.raises(nw.ItemSelectionError, match="drop item="):
+        nw.diff(plain, run, steps=(None, 200), item="state", progress=False)
+    report = nw.diff(plain, run, steps=(None, 200), item=(None, "state"), progress=False)
+    assert report.nan_appeared == ["head/kernel"] and len(report.compared) == 49
+    assert sorted(report.unchanged) == sorted(f"layers/{i}/kernel" for i in range(48))
+    with pytest.raises(nw.InvalidArgumentError, match=r"pair \(item_a, item_b\)"):
+        nw.diff(plain, run, item=("state",))
+    cli = ["diff", str(plain), str(run), "--steps", "-", "200", "--item", "-", "state", "--json"]
+    process = run_cli(*cli)
+    assert process.returncode == 0, process.stderr
+    assert json.loads(process.stdout)["nan_appeared"] == ["head/kernel"]
+    bad = run_cli("diff", str(plain), str(run), "--item", "-", "state", "model")
+    assert bad.returncode == 1 and "--item takes one name (both sides) or two" in bad.stderr
+
+
 def test_cli_diff(run):
     process = run_cli("diff", str(run), "--steps", "100", "200", "--json", "--select", "layers/1/")
     assert process.returncode == 0, process.stderr
