@@ -334,6 +334,32 @@ def test_server_stopped_mid_restore_leaves_the_model_alone(
     assert_same_arrays(layouts[name][2], model)
 
 
+def test_bucket_safetensors_of_a_dtype_orbax_cannot_read(bucket):
+    """F8_E8M0 (MX scales), which Orbax 0.12's safetensors reader refuses, comes from a bucket
+    by one ranged read of its bytes, bit for bit, beside a tensor Orbax reads."""
+    import jax.numpy as jnp
+    import ml_dtypes
+    from safetensors.flax import save as flax_safetensors_bytes
+
+    scales = np.array([0.25, 1, 2, 8, 2**-20], ml_dtypes.float8_e8m0fnu)
+    weight = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    url = f"{bucket}/mx/model.safetensors"
+    fs().pipe_file(url, flax_safetensors_bytes({"scales": jnp.asarray(scales), "w": weight}))
+
+    class Mx(nnx.Module):
+        def __init__(self):
+            self.scales = nnx.Param(jnp.zeros(5, ml_dtypes.float8_e8m0fnu))
+            self.w = nnx.Param(jnp.zeros((2, 3), jnp.float32))
+
+    model = Mx()
+    ncw.restore(url, model)
+    np.testing.assert_array_equal(
+        np.asarray(model.scales[...]).view(np.uint8), scales.view(np.uint8)
+    )
+    np.testing.assert_array_equal(np.asarray(model.w[...]), weight)
+    assert ncw.stats(url, progress=False)["scales"].max == 8.0
+
+
 def test_missing_bucket_and_missing_objects(bucket, layouts):
     with pytest.raises(CheckpointNotFoundError, match="the bucket 'no-such-bucket-x' does not"):
         ncw.inspect("gs://no-such-bucket-x/ckpt")
