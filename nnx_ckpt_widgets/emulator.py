@@ -331,6 +331,13 @@ class GCSEmulator:
         self.close()
 
     @property
+    def bytes_sent(self) -> int:
+        """Bytes the clients have sent to the server so far, HTTP headers included (0 while
+        it is stopped): a running count, where :meth:`count` gives one block's."""
+        relay = self._relay
+        return relay.up if relay is not None else 0
+
+    @property
     def running(self) -> bool:
         return self._server is not None and self._server.poll() is None
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,26 @@ def make_bnnet(seed: int = 0) -> BNNet:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_mid_save(script: Path, *args: str, writing: Callable[[], bool]) -> None:
+    """Run a saver ``script`` in a fresh interpreter and SIGKILL it, as a preempted machine
+    stops (no clean-up at all), once it has printed ``saving`` and ``writing()`` holds."""
+    command = [sys.executable, str(script), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as child:
+        watchdog = threading.Timer(180, child.kill)
+        watchdog.start()
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "saving\n"
+            deadline = time.monotonic() + 60
+            while not writing() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            child.send_signal(signal.SIGKILL)
+            assert child.wait() == -signal.SIGKILL, "the saver ended before it was killed"
+        finally:
+            watchdog.cancel()
 
 
 def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:

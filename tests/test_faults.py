@@ -57,13 +57,7 @@ Overwrite safety, hostile names and trust, the rest of this suite, are in ``test
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import jax
@@ -78,6 +72,7 @@ from conftest import (
     chunk_locations,
     copy_checkpoint,
     corrupt_chunks,
+    kill_mid_save,
     run_cli,
     save_checkpoint,
     snapshot,
@@ -483,25 +478,11 @@ def test_save_killed_mid_write_is_never_offered(tmp_path, capfd, api):
     root, last = tmp_path / "run", 2
     script = tmp_path / "saver.py"
     script.write_text((SAVER_HEAD + SAVERS[api]).format(tests=str(Path(__file__).parent)))
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(root), str(last)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    watchdog = threading.Timer(180, child.kill)
-    watchdog.start()
-    try:
-        assert child.stdout.readline() == "saving\n"
-        # Kill once array bytes are reaching the disk: after 8 MiB of the 256 MiB.
-        while (written := _tmp_bytes(root, last + 1)) < 8 << 20 and child.poll() is None:
-            time.sleep(0.005)
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait() == -signal.SIGKILL
-    finally:
-        watchdog.cancel()
+    kill_mid_save(
+        script, str(root), str(last), writing=lambda: _tmp_bytes(root, last + 1) >= 8 << 20
+    )  # once array bytes are reaching the disk: 8 MiB of the 256 MiB
     # The kill landed mid-write: the tmp folder holds part of the array, and no step folder.
-    assert 8 << 20 <= written <= _tmp_bytes(root, last + 1) < 256 << 20
+    assert 8 << 20 <= _tmp_bytes(root, last + 1) < 256 << 20
     assert not (root / str(last + 1)).exists()
 
     info = ncw.inspect(root)
