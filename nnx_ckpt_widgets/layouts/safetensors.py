@@ -316,10 +316,16 @@ class SafetensorsLayout:
 
         by_name = {t.name: t for h in self.headers(location) for t in h.tensors}
         tensors = [by_name[".".join(request.stored_path)] for request in requests]
-        # A dtype Orbax cannot read (F8_E8M0) is read directly from a bucket too: one ranged
-        # read of its validated bytes.
+        # A file holding a dtype Orbax cannot read (F8_E8M0) is read directly from a bucket
+        # too, one ranged read per tensor: older Orbax rejects the whole file's header.
+        unreadable = {
+            str(t.file)
+            for h in self.headers(location)
+            for t in h.tensors
+            if t.dtype not in ORBAX_READABLE
+        }
         direct = [
-            (_storage.is_local(t.file) or t.dtype not in ORBAX_READABLE)
+            (_storage.is_local(t.file) or str(t.file) in unreadable)
             and (r.host or r.sharding is None or r.sharding.is_fully_addressable)
             for t, r in zip(tensors, requests, strict=True)
         ]
