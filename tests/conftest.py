@@ -83,9 +83,11 @@ def make_bnnet(seed: int = 0) -> BNNet:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kill_mid_save(script: Path, *args: str, writing: Callable[[], bool]) -> None:
+def kill_mid_save(script: Path, *args: str, written: Callable[[], int]) -> int:
     """Run a saver ``script`` in a fresh interpreter and SIGKILL it, as a preempted machine
-    stops (no clean-up at all), once it has printed ``saving`` and ``writing()`` holds."""
+    stops (no clean-up at all), once it has printed ``saving`` and ``written()`` (bytes of the
+    save that reached storage) is at least 8 MiB; returns the last ``written()`` before the
+    kill."""
     command = [sys.executable, str(script), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as child:
@@ -95,12 +97,15 @@ def kill_mid_save(script: Path, *args: str, writing: Callable[[], bool]) -> None
             assert child.stdout is not None
             assert child.stdout.readline() == "saving\n"
             deadline = time.monotonic() + 60
-            while not writing() and child.poll() is None and time.monotonic() < deadline:
+            while (done := written()) < 8 << 20 and child.poll() is None:
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.005)
             child.send_signal(signal.SIGKILL)
             assert child.wait() == -signal.SIGKILL, "the saver ended before it was killed"
         finally:
             watchdog.cancel()
+    return done
 
 
 def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:

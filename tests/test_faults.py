@@ -478,11 +478,12 @@ def test_save_killed_mid_write_is_never_offered(tmp_path, capfd, api):
     root, last = tmp_path / "run", 2
     script = tmp_path / "saver.py"
     script.write_text((SAVER_HEAD + SAVERS[api]).format(tests=str(Path(__file__).parent)))
-    kill_mid_save(
-        script, str(root), str(last), writing=lambda: _tmp_bytes(root, last + 1) >= 8 << 20
-    )  # once array bytes are reaching the disk: 8 MiB of the 256 MiB
+    # Killed once array bytes are reaching the disk: 8 MiB of the 256 MiB.
+    written = kill_mid_save(
+        script, str(root), str(last), written=lambda: _tmp_bytes(root, last + 1)
+    )
     # The kill landed mid-write: the tmp folder holds part of the array, and no step folder.
-    assert 8 << 20 <= _tmp_bytes(root, last + 1) < 256 << 20
+    assert 8 << 20 <= written <= _tmp_bytes(root, last + 1) < 256 << 20
     assert not (root / str(last + 1)).exists()
 
     info = ncw.inspect(root)

@@ -257,7 +257,7 @@ with ocp.CheckpointManager({root!r}, options=options) as manager:
     # Killed as step 3's 64 MiB go up: Orbax then writes its metadata files and markers for
     # another 0.4 s or so (measured), so objects of step 3 exist but no marker does.
     before = gcs.bytes_sent
-    kill_mid_save(script, writing=lambda: gcs.bytes_sent - before >= 8 << 20)
+    assert kill_mid_save(script, written=lambda: gcs.bytes_sent - before) >= 8 << 20
     prefix = root.removeprefix("gs://") + "/3"
     written = fs().find(prefix)
     assert written, "the save of step 3 had not started writing"

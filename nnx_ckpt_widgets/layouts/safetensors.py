@@ -314,16 +314,12 @@ class SafetensorsLayout:
             return []
         import numpy as np
 
-        by_name = {t.name: t for h in self.headers(location) for t in h.tensors}
+        every = [t for h in self.headers(location) for t in h.tensors]
+        by_name = {t.name: t for t in every}
         tensors = [by_name[".".join(request.stored_path)] for request in requests]
         # A file holding a dtype Orbax cannot read (F8_E8M0) is read directly from a bucket
         # too, one ranged read per tensor: older Orbax rejects the whole file's header.
-        unreadable = {
-            str(t.file)
-            for h in self.headers(location)
-            for t in h.tensors
-            if t.dtype not in ORBAX_READABLE
-        }
+        unreadable = {str(t.file) for t in every if t.dtype not in ORBAX_READABLE}
         direct = [
             (_storage.is_local(t.file) or str(t.file) in unreadable)
             and (r.host or r.sharding is None or r.sharding.is_fully_addressable)
