@@ -20,8 +20,13 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidArgumentError",
     "ItemSelectionError",
+    "ResourceExhaustedError",
+    "ShardingMismatchError",
     "StorageError",
+    "TargetError",
+    "TransformError",
     "UnknownLayoutError",
+    "UnsafeFormatError",
 ]
 
 
@@ -70,6 +75,12 @@ class UnknownLayoutError(CheckpointError):
     was found and the layouts that are supported."""
 
 
+class UnsafeFormatError(UnknownLayoutError):
+    """A format this package never reads because loading it runs code: PyTorch pickles
+    (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) and ``.npz`` files holding object arrays. The
+    message names the format and the way out (convert it to safetensors first)."""
+
+
 class ItemSelectionError(CheckpointError):
     """A step holds several items and ``item=`` did not pick exactly one of them."""
 
@@ -82,6 +93,27 @@ class StorageError(CheckpointError):
 
 class InvalidArgumentError(CheckpointError, ValueError, TypeError):
     """An argument is not one this package accepts (a bad policy, pattern or target)."""
+
+
+class TransformError(InvalidArgumentError):
+    """A ``transform`` function raised, or returned something that does not fit the target:
+    a bug in the caller's function, not in the checkpoint."""
+
+
+class TargetError(CheckpointError):
+    """The target cannot take the values: a Variable refused ``set_value``, or the target
+    changed while it was being restored. Nothing of the restore was kept."""
+
+
+class ResourceExhaustedError(CheckpointError, MemoryError):
+    """The machine ran out of memory (host or device) while reading or placing arrays; the
+    checkpoint is fine. Restore fewer arrays at a time, or onto a sharded target."""
+
+
+class ShardingMismatchError(CheckpointError):
+    """The devices, mesh or sharding asked for do not fit this machine or the array (a
+    sharding naming devices that are not here, or a shape a mesh axis does not divide); the
+    checkpoint is fine. Restore onto a target built for this machine's devices."""
 
 
 class CheckpointMismatchError(CheckpointError):
