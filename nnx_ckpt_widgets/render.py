@@ -121,6 +121,7 @@ def info_text(info: CheckpointInfo) -> str:
         lines.append("steps: " + ", ".join(step_text(s) for s in info.steps))
     if len(info.items) > 1:
         lines.append("items: " + ", ".join(info.items))
+    lines.extend(info_notes(info))
     rows = [("key", "shape", "dtype", "params", "bytes", "sharding")]
     for pattern, group in _leaf_groups(info.leaves.values()):
         first = group[0]
@@ -138,6 +139,12 @@ def info_text(info: CheckpointInfo) -> str:
     lines.append("")
     lines.extend(table(rows, right=(3, 4)))
     return "\n".join(lines)
+
+
+def info_notes(info: CheckpointInfo) -> list[str]:
+    """One line per step that cannot be restored, and per note on how the path was read."""
+    lines = [f"not restorable: step {s.step}: {s.reason}" for s in info.unrestorable]
+    return lines + [f"note: {note}" for note in info.notes]
 
 
 def info_summary(info: CheckpointInfo) -> str:
@@ -171,6 +178,8 @@ def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
         header += f"<br>custom metadata: {esc(custom_text(info.custom_metadata))}"
     if info.config:
         header += f"<br>config.json: {esc(custom_text(info.config))}"
+    for line in info_notes(info):
+        header += f"<br>{esc(line)}"
     body = _tree_html(info, (), children(info.leaves), max_children, depth=0)
     return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
 
