@@ -86,8 +86,10 @@ def as_path(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
 
 
 def absolute(path: AnyPath) -> AnyPath:
-    """``path`` made absolute, as Orbax requires; a URL already is."""
-    return path.absolute() if isinstance(path, Path) else path
+    """``path`` as Orbax and TensorStore need it: absolute, with ``..`` and symlinks resolved
+    (TensorStore rejects a file path holding ``..``); a URL is returned as is. Only what is
+    handed to them is normalised: every message shows the path as the user gave it."""
+    return path.resolve() if isinstance(path, Path) else path
 
 
 def is_bucket(path: AnyPath) -> bool:

@@ -275,6 +275,8 @@ def locate_root(layout: Layout, listing: Listing, step: int | None, item: str | 
         chosen = found[number]
         try:
             location = _step_location(layout, root, chosen, item)
+            if step is None:
+                _check_tree_metadata(location)
         except (IncompleteCheckpointError, CorruptCheckpointError) as err:
             if step is not None:
                 raise
@@ -471,6 +473,27 @@ def _step_location(layout: Layout, root: AnyPath, chosen: _Step, item: str | Non
         kind=f"root of step folders, each one {chosen.inner.name}",
         step=info.step,
     )
+
+
+def _check_tree_metadata(location: Location) -> None:
+    """Raise when the default step's PyTree metadata cannot be parsed, so that the default
+    falls back to an older step instead of failing later in ``leaves``: one small file, read
+    only for the step picked by default.
+
+    Raises:
+      CorruptCheckpointError: ``_METADATA`` is not JSON or has no ``tree_metadata`` mapping.
+    """
+    if not isinstance(location.layout, _pytree.PyTreeReads):
+        return
+    try:
+        metadata = _storage.read_json(location.data / _pytree.PYTREE_METADATA, "tree metadata")
+    except RecursionError as err:
+        metadata = err
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tree_metadata"), dict):
+        raise CorruptCheckpointError(
+            f"Checkpoint at {location.data} is damaged: {_pytree.PYTREE_METADATA} has no "
+            "tree_metadata mapping; restore it from a copy or save it again."
+        )
 
 
 def _no_step(

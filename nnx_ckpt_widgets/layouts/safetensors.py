@@ -30,6 +30,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from nnx_ckpt_widgets import _storage
@@ -456,4 +457,4 @@ def _file_path(file: str) -> Any:
     from etils import epath
 
     path = epath.Path(file)
-    return path if "://" in file else path.absolute()
+    return path if "://" in file else epath.Path(_storage.absolute(Path(file)))
