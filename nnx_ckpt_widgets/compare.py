@@ -128,6 +128,7 @@ class LoadReport:
     item: str | None = None
     restored_arrays: int | None = None
     restored_bytes: int | None = None
+    notes: tuple[str, ...] = ()
     info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def _paths(self, status: Status) -> list[str]:
@@ -274,6 +275,7 @@ class LoadReport:
             "ok": self.ok,
             "counts": self.counts,
             "advice": self.advice,
+            "notes": list(self.notes),
             "entries": [
                 {
                     "key": e.path,
@@ -389,7 +391,16 @@ def apply_rename(
       InvalidArgumentError: a pattern is not a valid regex, or two keys get one name.
     """
     if not rename:
-        return {path: (leaf, None) for path, leaf in leaves.items()}
+        # A key holding "/" (Gemma's flat {'transformer/layer_0/attn/q_einsum': {'w': ...}})
+        # stands for the nested keys it spells, as it would after any rename; the report's
+        # note says so. A real nested key of that name keeps its place.
+        out_plain: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
+        for path, leaf in leaves.items():
+            nested = _keypaths.spelled(path) if _keypaths.has_slash(path) else path
+            if nested != path and (nested in leaves or nested in out_plain):
+                nested = path
+            out_plain[nested] = (leaf, _keypaths.show(path) if nested != path else None)
+        return out_plain
     try:
         rules = [(re.compile(pattern), repl) for pattern, repl in rename.items()]
     except re.error as err:
@@ -540,7 +551,20 @@ def build_report(
         entries=tuple(entries),
         step=info.step,
         item=info.item,
+        notes=_slash_notes(info),
         info=info,
+    )
+
+
+def _slash_notes(info: CheckpointInfo) -> tuple[str, ...]:
+    slashed = [path for path in info.leaves if _keypaths.has_slash(path)]
+    if not slashed:
+        return ()
+    example = slashed[0]
+    return (
+        f"keys holding '/' ({len(slashed)} array{'s' if len(slashed) > 1 else ''}, e.g. "
+        f"{clip(_keypaths.show(example), 80)}) were matched to the nested keys they spell "
+        f"({clip(_keypaths.join(example), 80)}); pass rename=... to map them otherwise",
     )
 
 

@@ -103,7 +103,7 @@ def _leaf_groups(leaves: Iterable[LeafInfo]) -> list[tuple[str, list[LeafInfo]]]
         if len({(g.shape, g.dtype, g.sharding) for g in group}) == 1:
             rows.append((pattern, group))
         else:
-            rows.extend((leaf.name, [leaf]) for leaf in group)
+            rows.extend((_keypaths.show(leaf.path), [leaf]) for leaf in group)
     return rows
 
 
@@ -192,7 +192,8 @@ def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -
         if path in info.leaves:
             leaf = info.leaves[path]
             items.append(
-                f"<li>{esc(name)}: {esc(shape_text(leaf.shape))} {esc(leaf.dtype)} "
+                f"<li>{esc(_keypaths.quote(name))}: {esc(shape_text(leaf.shape))} "
+                f"{esc(leaf.dtype)} "
                 f"<span style='opacity:.6'>{esc(human_bytes(leaf.nbytes))}</span></li>"
             )
             continue
@@ -200,7 +201,7 @@ def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -
         open_attr = " open" if depth < 1 else ""
         inner = _tree_html(info, path, children, max_children, depth + 1)
         items.append(
-            f"<li><details{open_attr}><summary>{esc(name)} "
+            f"<li><details{open_attr}><summary>{esc(_keypaths.quote(name))} "
             f"<span style='opacity:.6'>{params:,} params, {esc(human_bytes(nbytes))}</span>"
             f"</summary>{inner}</details></li>"
         )
@@ -247,6 +248,7 @@ def report_text(report: LoadReport) -> str:
     lines = [f"Load report for {where(report.path, report.step, report.item)} ({report.format})"]
     lines.extend(table(rows))
     lines.append(_counts_line(report))
+    lines.extend(f"note: {note}" for note in report.notes)
     lines.append(report.advice)
     return "\n".join(lines)
 
@@ -275,5 +277,7 @@ def report_html(report: LoadReport) -> str:
         f"({esc(report.format)})"
         "<table style='border-collapse:collapse;text-align:left;table-layout:auto'>"
         f"{head}{''.join(rows)}</table>"
-        f"<div>{counts}</div><div><b>{esc(report.advice)}</b></div></div>"
+        f"<div>{counts}</div>"
+        + "".join(f"<div>note: {esc(note)}</div>" for note in report.notes)
+        + f"<div><b>{esc(report.advice)}</b></div></div>"
     )

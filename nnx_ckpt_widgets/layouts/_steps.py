@@ -466,12 +466,15 @@ def _step_location(layout: Layout, root: AnyPath, chosen: _Step, item: str | Non
             step=info.step,
             custom=custom_metadata(chosen.metadata),
         )
+    from nnx_ckpt_widgets.layouts import _unsafe
+
     location = chosen.inner.locate(chosen.listing, None, item)
     return dataclasses.replace(
         location,
         path=root,
         kind=f"root of step folders, each one {chosen.inner.name}",
         step=info.step,
+        notes=(*location.notes, *_unsafe.ignored_notes(chosen.listing)),
     )
 
 
