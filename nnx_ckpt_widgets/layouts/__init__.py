@@ -97,9 +97,9 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
             if notes:
                 location = dataclasses.replace(location, notes=(*location.notes, *notes))
             return location
-    unsafe = _unsafe.unsafe_files(listing)
-    if unsafe:
-        name, fmt = unsafe[0]
+    pickles = _unsafe.unsafe_files(listing)
+    if pickles:
+        name, fmt = pickles[0]
         raise _unsafe.refuse(root / name, fmt)
     if not listing.names:
         raise CheckpointNotFoundError(
