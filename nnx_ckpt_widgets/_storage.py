@@ -125,7 +125,11 @@ def listdir(path: AnyPath) -> Listing | None:
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                (dirs if entry.is_dir() else files).add(entry.name)
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symlink loop: no folder; the layout that meets it says so
+                    is_dir = False
+                (dirs if is_dir else files).add(entry.name)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:

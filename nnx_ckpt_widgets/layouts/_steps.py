@@ -29,6 +29,7 @@ from nnx_ckpt_widgets.errors import (
     InvalidArgumentError,
     ItemSelectionError,
     StorageError,
+    UnknownLayoutError,
 )
 from nnx_ckpt_widgets.layouts import _pytree
 from nnx_ckpt_widgets.layouts.base import Layout, Location, StepInfo
@@ -370,11 +371,9 @@ def _try_step(root: AnyPath, name: str) -> tuple[str, int, _Step | Exception | N
                 "it or pick another step."
             ),
         )
-    # A plain number is always a step; a prefixed name ("run_3") only when it holds one.
-    plain_number = name.isdigit()
+    # A prefixed name ("run_3") that holds no checkpoint is listed only when the root's steps
+    # share its prefix: locate_root drops the others.
     if not sub.names:
-        if not plain_number:
-            return name, number, None
         return (
             name,
             number,
@@ -402,8 +401,6 @@ def _try_step(root: AnyPath, name: str) -> tuple[str, int, _Step | Exception | N
     except (IncompleteCheckpointError, CorruptCheckpointError) as err:
         return name, number, err
     if not info.items:
-        if metadata is None and not plain_number:
-            return name, number, None
         return (
             name,
             number,
@@ -508,6 +505,11 @@ def _no_step(
 ) -> None:
     """Raise the error for a root where ``step`` (or, with None, any step) cannot be read."""
     available = ", ".join(str(s.step) for s in steps) or "none"
+    if step is None and not bad and not unfinished:
+        raise UnknownLayoutError(
+            f"No checkpoint layout recognised at {root}: its step-like folders hold no "
+            "checkpoint; pass a checkpoint folder or a root of step folders."
+        )
     if step is None:
         damaged = {
             n: err for n, (_, err) in bad.items() if not isinstance(err, IncompleteCheckpointError)
