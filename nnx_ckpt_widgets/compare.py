@@ -391,16 +391,7 @@ def apply_rename(
       InvalidArgumentError: a pattern is not a valid regex, or two keys get one name.
     """
     if not rename:
-        # A key holding "/" (Gemma's flat {'transformer/layer_0/attn/q_einsum': {'w': ...}})
-        # stands for the nested keys it spells, as it would after any rename; the report's
-        # note says so. A real nested key of that name keeps its place.
-        out_plain: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
-        for path, leaf in leaves.items():
-            nested = _keypaths.spelled(path) if _keypaths.has_slash(path) else path
-            if nested != path and (nested in leaves or nested in out_plain):
-                nested = path
-            out_plain[nested] = (leaf, _keypaths.show(path) if nested != path else None)
-        return out_plain
+        return {path: (leaf, None) for path, leaf in leaves.items()}
     try:
         rules = [(re.compile(pattern), repl) for pattern, repl in rename.items()]
     except re.error as err:
@@ -501,7 +492,9 @@ def build_report(
 ) -> LoadReport:
     """Classify every key of the checkpoint and the target (after ``rename``, then
     ``transform``)."""
-    ckpt = apply_rename(info.leaves, rename)
+    ckpt, notes = _match_slash_keys(
+        apply_rename(info.leaves, rename), {t.path for t in target_leaves}
+    )
     transformed = apply_transform(ckpt, transform)
     entries = []
     for t in target_leaves:
@@ -551,18 +544,37 @@ def build_report(
         entries=tuple(entries),
         step=info.step,
         item=info.item,
-        notes=_slash_notes(info),
+        notes=notes,
         info=info,
     )
 
 
-def _slash_notes(info: CheckpointInfo) -> tuple[str, ...]:
-    slashed = [path for path in info.leaves if _keypaths.has_slash(path)]
-    if not slashed:
-        return ()
-    example = slashed[0]
-    return (
-        f"keys holding '/' ({len(slashed)} array{'s' if len(slashed) > 1 else ''}, e.g. "
+def _match_slash_keys(
+    ckpt: dict[KeyPath, tuple[LeafInfo, str | None]], target_paths: set[KeyPath]
+) -> tuple[dict[KeyPath, tuple[LeafInfo, str | None]], tuple[str, ...]]:
+    """Match checkpoint keys holding "/" (Gemma's flat ``{'transformer/layer_0/attn/q_einsum':
+    {'w': ...}}``) to the nested target keys they spell, where the target has those and not
+    the key itself; and the report's note saying so."""
+    moved: list[KeyPath] = []
+    out: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
+    for path, (leaf, source) in ckpt.items():
+        nested = _keypaths.spelled(path) if _keypaths.has_slash(path) else path
+        if (
+            nested != path
+            and path not in target_paths
+            and nested in target_paths
+            and nested not in ckpt
+            and nested not in out
+        ):
+            out[nested] = (leaf, source or _keypaths.show(path))
+            moved.append(path)
+            continue
+        out[path] = (leaf, source)
+    if not moved:
+        return out, ()
+    example = moved[0]
+    return out, (
+        f"keys holding '/' ({len(moved)} array{'s' if len(moved) > 1 else ''}, e.g. "
         f"{clip(_keypaths.show(example), 80)}) were matched to the nested keys they spell "
         f"({clip(_keypaths.join(example), 80)}); pass rename=... to map them otherwise",
     )
