@@ -404,7 +404,13 @@ def test_paths_are_normalised_for_orbax_and_shown_as_given(tmp_path, monkeypatch
     single = "../out/ckpt/checkpoint_1"
     assert str(nw.inspect(single).path) == single
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert nw.inspect("~/out/ckpt").step == 3
+    info = nw.inspect("~/out/ckpt")
+    assert (
+        info.step == 3 and str(info.path) == "~/out/ckpt" and "Checkpoint ~/out/ckpt," in str(info)
+    )
+    model = net(0)
+    nw.restore("~/out/ckpt", model, step=1)
+    assert_same_arrays(snapshot(net(1)), model)
 
 
 # --- 5. keys holding "/" (Gemma's release format) -------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets._text import clip
@@ -64,7 +65,12 @@ def locate(
     """
     root = _storage.as_path(path)
     with _storage.one_look():
-        return _locate(root, step, item)
+        location = _locate(root, step, item)
+    # Shown as given: "~/runs/ckpt" stays so in every header (Orbax and TensorStore get the
+    # resolved path, see _storage.absolute).
+    if isinstance(path, (str, Path)) and str(path).startswith("~") and location.path == root:
+        location = dataclasses.replace(location, path=Path(path))
+    return location
 
 
 def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Location:
