@@ -276,6 +276,7 @@ def test_a_bad_newest_step_is_listed_and_the_intact_ones_open(tmp_path, intact_r
     assert len(nw.stats(root, progress=False).entries) == 4
     browser = CheckpointBrowser(root, net(0))
     assert [value for _, value in browser.step_selector.options] == [1, 2, 3]
+    assert "not restorable: step 9" in browser.header.value
     assert main(["inspect", str(root), "--json"]) == 0
     data = json.loads(capfd.readouterr().out)
     assert data["step"] == 3 and [s["step"] for s in data["unrestorable_steps"]] == [9]
