@@ -174,6 +174,27 @@ def test_one_step_folder_alone_and_cli_in_a_fresh_interpreter(step_root):
     assert "step 100 (3 steps, latest 300)" in done.stdout and "ocdbt" not in done.stdout
 
 
+def test_any_single_checkpoint_layout_serves_as_a_step_or_an_item(tmp_path):
+    """The step-root code asks the registry, so a layout added there (older Orbax formats)
+    reads step folders and items too: shown here with safetensors, written by safetensors."""
+    from safetensors.numpy import save_file
+
+    weights = {s: {"w": np.full(3, s, np.float32)} for s in (1, 2)}
+    for s, tensors in weights.items():
+        (tmp_path / "plain" / f"step_{s}").mkdir(parents=True)
+        save_file(tensors, tmp_path / "plain" / f"step_{s}" / "model.safetensors")
+        (tmp_path / "items" / str(s) / "weights").mkdir(parents=True)
+        save_file(tensors, tmp_path / "items" / str(s) / "weights" / "model.safetensors")
+    plain = nw.inspect(tmp_path / "plain", step=1)
+    assert [s.step for s in plain.steps] == [1, 2] and plain.layout.endswith("safetensors")
+    items = nw.inspect(tmp_path / "items", step=1)
+    assert [s.step for s in items.steps] == [1, 2] and items.item == "weights"
+    for root in ("plain", "items"):
+        assert nw.stats(tmp_path / root, step=1, progress=False)["w"].max == 1.0
+        assert nw.stats(tmp_path / root, progress=False)["w"].max == 2.0
+        assert nw.diff(tmp_path / root, steps=(1, 2), progress=False).changed == ["w"]
+
+
 # --- 2. a damaged, empty or stray step, or a link loop, never blocks the intact ones --------------
 
 

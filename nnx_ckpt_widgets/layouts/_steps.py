@@ -122,11 +122,12 @@ def items_of(listing: Listing, metadata: Mapping[str, Any] | None) -> tuple[str,
                 f"{STEP_METADATA}, has no folder; restore it from a copy or save it again."
             )
         return tuple(sorted(named))
-    # No handler names (older Orbax): an item is a subfolder that is a PyTree folder.
+    # No handler names (older Orbax): an item is a subfolder that is a PyTree folder, or a
+    # checkpoint in another single-checkpoint layout of the registry.
     found = []
     for name in sorted(listing.dirs - {METRICS_ITEM}):
         sub = _storage.listdir(listing.path / name)
-        if sub is not None and _pytree.is_pytree(sub.names):
+        if sub is not None and (_pytree.is_pytree(sub.names) or _checkpoint_layout(sub)):
             found.append(name)
     return tuple(found)
 
@@ -425,12 +426,17 @@ def single_layout(listing: Listing) -> Layout | None:
     Every single-checkpoint layout of the registry is tried, so a layout added there (an
     older Orbax format, say) serves as a step folder too without a change here.
     """
+    if not _pytree.is_pytree(listing.names) and items_of_quietly(listing):
+        return None  # a CheckpointManager step: its items are read by read_step
+    return _checkpoint_layout(listing)
+
+
+def _checkpoint_layout(listing: Listing) -> Layout | None:
+    """The first single-checkpoint layout of the registry that matches ``listing``."""
     # Imported here: the registry imports this module.
     from nnx_ckpt_widgets.layouts import LAYOUTS
     from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
 
-    if not _pytree.is_pytree(listing.names) and items_of_quietly(listing):
-        return None  # a CheckpointManager step: its items are read by read_step
     for candidate in LAYOUTS:
         if getattr(candidate, "holds_steps", False) or isinstance(candidate, OrbaxV1Layout):
             continue  # roots are not nested; a v1 step folder holds items
@@ -440,20 +446,21 @@ def single_layout(listing: Listing) -> Layout | None:
 
 
 def items_of_quietly(listing: Listing) -> bool:
-    """Whether the folder names items (in ``_CHECKPOINT_METADATA`` or as PyTree subfolders),
-    without judging them: :func:`read_step` reports a missing one."""
+    """Whether the folder names items (in ``_CHECKPOINT_METADATA``, or as subfolders that are
+    checkpoints), without judging them: :func:`read_step` reports a missing one."""
     if STEP_METADATA in listing.files or V1_MARKER in listing.files:
         return True
-    return any(
-        (sub := _storage.listdir(listing.path / name)) is not None and _pytree.is_pytree(sub.names)
-        for name in sorted(listing.dirs - {METRICS_ITEM})
-    )
+    for name in sorted(listing.dirs - {METRICS_ITEM}):
+        sub = _storage.listdir(listing.path / name)
+        if sub is not None and (_pytree.is_pytree(sub.names) or _checkpoint_layout(sub)):
+            return True
+    return False
 
 
 def _step_location(layout: Layout, root: AnyPath, chosen: _Step, item: str | None) -> Location:
     info = chosen.info
     if chosen.inner is None:
-        return pick_item(
+        location = pick_item(
             layout,
             root,
             layout.name,
@@ -462,6 +469,23 @@ def _step_location(layout: Layout, root: AnyPath, chosen: _Step, item: str | Non
             item,
             step=info.step,
             custom=custom_metadata(chosen.metadata),
+        )
+        if chosen.metadata is not None:
+            return location
+        # Older Orbax names no handlers: an item may be a checkpoint in another layout of the
+        # registry (Orbax's format from before _METADATA), which then reads it.
+        sub = _storage.listdir(location.data)
+        inner = None if sub is None or _pytree.is_pytree(sub.names) else _checkpoint_layout(sub)
+        if sub is None or inner is None:
+            return location
+        found = inner.locate(sub, None, None)
+        return dataclasses.replace(
+            found,
+            path=root,
+            kind=layout.name,
+            step=info.step,
+            item=location.item,
+            items=location.items,
         )
     from nnx_ckpt_widgets.layouts import _unsafe
 
