@@ -312,13 +312,18 @@ def test_a_damaged_step_in_the_middle_is_listed_too(tmp_path):
         nw.inspect(root, step=2)
 
 
-def test_only_bad_steps_name_the_newest_one(tmp_path):
+def test_only_bad_steps_name_the_newest_damage_and_hollow_ones_are_no_root(tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     _empty(root / "4")
     _stray(root / "5")
-    with pytest.raises(nw.CorruptCheckpointError, match=r"notes\.txt"):
+    with pytest.raises(nw.UnknownLayoutError, match="hold no checkpoint") as raised:
         nw.inspect(root)
+    assert not isinstance(raised.value, nw.CorruptCheckpointError)
+    _step_metadata_one(root / "3")
+    with pytest.raises(nw.CorruptCheckpointError, match="_CHECKPOINT_METADATA") as raised:
+        nw.inspect(root)
+    assert str(root / "3") in str(raised.value)
 
 
 # --- 3. lists and tuples in saved trees -----------------------------------------------------------

@@ -219,6 +219,11 @@ def newest_step_metadata(listing: Listing) -> dict[str, Any] | None:
     return None
 
 
+class _Hollow(CorruptCheckpointError):
+    """A step-named folder that holds no checkpoint at all (empty, or other files): listed
+    beside real steps, but a root of nothing else is no checkpoint root."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Step:
     """One step folder that looks restorable, read no further than its listing and
@@ -378,7 +383,7 @@ def _try_step(root: AnyPath, name: str) -> tuple[str, int, _Step | Exception | N
         return (
             name,
             number,
-            CorruptCheckpointError(
+            _Hollow(
                 f"Checkpoint at {path} is damaged: the step folder is empty; pick another step or "
                 "save it again."
             ),
@@ -405,7 +410,7 @@ def _try_step(root: AnyPath, name: str) -> tuple[str, int, _Step | Exception | N
         return (
             name,
             number,
-            CorruptCheckpointError(
+            _Hollow(
                 f"Checkpoint at {path} is damaged: the step folder holds no checkpoint (it holds "
                 f"{_found(sub)}); pick another step or save it again."
             ),
@@ -529,7 +534,7 @@ def _no_step(
 ) -> None:
     """Raise the error for a root where ``step`` (or, with None, any step) cannot be read."""
     available = ", ".join(str(s.step) for s in steps) or "none"
-    if step is None and not bad and not unfinished:
+    if step is None and not unfinished and all(isinstance(e, _Hollow) for _, e in bad.values()):
         raise UnknownLayoutError(
             f"No checkpoint layout recognised at {root}: its step-like folders hold no "
             "checkpoint; pass a checkpoint folder or a root of step folders."
@@ -538,8 +543,10 @@ def _no_step(
         damaged = {
             n: err for n, (_, err) in bad.items() if not isinstance(err, IncompleteCheckpointError)
         }
-        if damaged:
-            raise damaged[max(damaged)]
+        # Real damage names the step to repair before a folder that merely holds no checkpoint.
+        real = {n: err for n, err in damaged.items() if not isinstance(err, _Hollow)}
+        if real or damaged:
+            raise (real or damaged)[max(real or damaged)]
         raise IncompleteCheckpointError(
             f"Checkpoint root {root} has no finished step: every save was interrupted; save again."
         )
