@@ -145,6 +145,11 @@ def test_root_of_plain_steps_through_every_entry_point(step_root, capfd):
     assert main(["inspect", str(root), "--step", "200", "--json"]) == 0
     data = json.loads(capfd.readouterr().out)
     assert data["step"] == 200 and [s["step"] for s in data["steps"]] == [100, 200, 300]
+    assert main(["diff", str(root), "--steps", "100", "300", "--json", "--no-progress"]) == 0
+    data = json.loads(capfd.readouterr().out)
+    assert sorted(data["changed"]) == ["layers/0/kernel", "layers/1/kernel"]
+    assert main(["stats", str(root), "--step", "100", "--json", "--no-progress"]) == 0
+    assert len(json.loads(capfd.readouterr().out)["entries"]) == 4
     assert folder_bytes(root) == before  # nothing written
 
 
