@@ -6,13 +6,21 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
-from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError, first_line
+from nnx_ckpt_widgets.errors import (
+    CheckpointMismatchError,
+    InvalidArgumentError,
+    TransformError,
+    first_line,
+)
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
+
+if TYPE_CHECKING:
+    from nnx_ckpt_widgets.plan import RestorePlan
 
 __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
 
@@ -129,6 +137,10 @@ class LoadReport:
     restored_arrays: int | None = None
     restored_bytes: int | None = None
     info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
+    # The target's keys whose values are abstract (nnx.eval_shape): nothing to keep there.
+    abstract_keys: frozenset[str] = dataclasses.field(
+        default=frozenset(), repr=False, compare=False
+    )
 
     def _paths(self, status: Status) -> list[str]:
         return [e.path for e in self.entries if e.status == status]
@@ -289,10 +301,34 @@ class LoadReport:
             ],
         }
 
+    def plan(
+        self,
+        *,
+        strict: bool = True,
+        missing: str = "keep",
+        unexpected: str = "ignore",
+        cast: bool = False,
+    ) -> RestorePlan:
+        """What a restore with these options would do: one action per key, or the refusal.
+
+        Args:
+          strict, missing, unexpected, cast: as for :func:`~nnx_ckpt_widgets.restore`.
+
+        Returns:
+          The :class:`~nnx_ckpt_widgets.plan.RestorePlan`; ``str()`` of it is one line.
+
+        Raises:
+          InvalidArgumentError: ``missing`` or ``unexpected`` is not a known policy.
+        """
+        from nnx_ckpt_widgets.plan import RestoreOptions, make_plan
+
+        options = RestoreOptions(strict, missing, unexpected, cast)  # type: ignore[arg-type]
+        return make_plan(self, options)
+
     def summary(self) -> str:
         """One sentence listing the differences."""
         parts = [
-            f"{len(paths)} {label} ({_preview(paths)})"
+            f"{len(paths)} {label} ({preview_keys(paths)})"
             for label, paths in (
                 ("missing", self.missing),
                 ("unexpected", self.unexpected),
@@ -314,7 +350,8 @@ class LoadReport:
         return render.report_html(self)
 
 
-def _preview(paths: list[str], limit: int = 3) -> str:
+def preview_keys(paths: list[str], limit: int = 3) -> str:
+    """Up to ``limit`` keys, with layer indices folded and hostile names clipped."""
     folded = [pattern for pattern, _ in _keypaths.fold(_keypaths.split(p) for p in paths)]
     shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
@@ -467,7 +504,7 @@ def run_transforms(
     and dtypes only), else on the real array.
 
     Raises:
-      InvalidArgumentError: a function raised; the message names the key and the error.
+      TransformError: a function raised; the message names the key and the error.
     """
     import jax
 
@@ -475,7 +512,7 @@ def run_transforms(
         for fn in fns:
             value = jax.eval_shape(fn, value) if abstract else fn(value)
     except Exception as err:  # the user's function: any error, on one line
-        raise InvalidArgumentError(
+        raise TransformError(
             f"transform of {name!r}{where} failed ({clip(first_line(err, width=None), 120)}); "
             "fix the function or narrow its pattern."
         ) from err
@@ -541,6 +578,7 @@ def build_report(
         step=info.step,
         item=info.item,
         info=info,
+        abstract_keys=frozenset(_keypaths.join(t.path) for t in target_leaves if t.abstract),
     )
 
 
