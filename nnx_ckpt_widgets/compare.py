@@ -12,7 +12,6 @@ from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
 from nnx_ckpt_widgets.errors import (
-    CheckpointMismatchError,
     InvalidArgumentError,
     TransformError,
     first_line,
@@ -614,11 +613,3 @@ def compare(
     """
     info = inspect(path, step=step, item=item)
     return build_report(info, flatten_target(target), rename, transform)
-
-
-def mismatch_error(report: LoadReport, why: str) -> CheckpointMismatchError:
-    """The error for a restore that the report forbids."""
-    return CheckpointMismatchError(
-        f"Checkpoint at {report.path} does not fit the target: {report.summary()}; {why}",
-        report,
-    )

@@ -21,7 +21,6 @@ from nnx_ckpt_widgets.compare import (
     Action,
     KeyStatus,
     LoadReport,
-    mismatch_error,
     preview_keys,
 )
 from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
@@ -161,7 +160,11 @@ class RestorePlan:
     def error(self) -> CheckpointMismatchError:
         """The error a restore of this plan raises; only for a refused plan."""
         assert self.refusal is not None, "only a refused plan has an error"
-        return mismatch_error(self.report, self.refusal.fix)
+        return CheckpointMismatchError(
+            f"Checkpoint at {self.report.path} does not fit the target: "
+            f"{self.refusal.reason}; {self.refusal.fix}",
+            self.report,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
