@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, first_line
+from nnx_ckpt_widgets.plan import MISSING_POLICIES, UNEXPECTED_POLICIES
 
 NAN_EXIT = 3  # --fail-on-nan and a NaN or Inf was found
 
@@ -79,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="MODULE:FACTORY",
                 help="a function of no arguments returning the model, e.g. mypkg.models:make",
             )
+            sub.add_argument(
+                "--lenient",
+                action="store_true",
+                help="plan a lenient restore (strict=False) instead of a strict one",
+            )
+            sub.add_argument(
+                "--missing",
+                choices=MISSING_POLICIES,
+                default="keep",
+                help="with --lenient: keep or zero-fill the model's keys the checkpoint lacks",
+            )
+            sub.add_argument(
+                "--unexpected",
+                choices=UNEXPECTED_POLICIES,
+                default="ignore",
+                help="with --lenient: ignore the checkpoint's extra keys, or refuse them",
+            )
+            sub.add_argument("--cast", action="store_true", help="allow dtype casts")
     return parser
 
 
@@ -169,7 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
             report = compare(args.path, target, step=args.step, item=args.item)
-            print(_json(report.as_dict()) if args.json else report)
+            plan = report.plan(
+                strict=not args.lenient,
+                missing=args.missing,
+                unexpected=args.unexpected,
+                cast=args.cast,
+            )
+            if args.json:
+                print(_json({**report.as_dict(), "plan": plan.as_dict()}))
+            else:
+                print(f"{report}\nPlan ({'lenient' if args.lenient else 'strict'}): {plan}")
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
