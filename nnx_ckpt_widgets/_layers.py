@@ -161,6 +161,16 @@ def apply_layers(
     unstack_rules, stack_rules = _rules("unstack", unstack), _rules("stack", stack)
     if not unstack_rules and not stack_rules:
         return ckpt, {}, []
+    if unstack_rules and stack_rules:
+        for path in (*ckpt, *target_paths):
+            name = _keypaths.join(path)
+            if any(r.pattern.search(name) for r in unstack_rules) and any(
+                r.pattern.search(name) for r in stack_rules
+            ):
+                raise InvalidArgumentError(
+                    f"stack and unstack both match {name!r}; make their patterns tell the "
+                    "keys apart."
+                )
     out: Renamed = dict(ckpt)
     sources: dict[KeyPath, LayerSource] = {}
     problems: list[str] = []
@@ -205,10 +215,7 @@ def apply_layers(
             if split is None or _keypaths.split(split[0]) not in target_paths:
                 continue
             if path in sources:
-                raise InvalidArgumentError(
-                    f"stack and unstack both match {name!r}; make their patterns tell the "
-                    "keys apart."
-                )
+                continue  # a slice of an unstacked array: not a stored layer to stack
             stacks.setdefault(split[0], []).append((split[1], path))
         for stacked_name, layer_members in stacks.items():
             bad = [_keypaths.join(p) for index, p in layer_members if index is None]
