@@ -98,6 +98,25 @@ def _parser() -> argparse.ArgumentParser:
                 help="with --lenient: ignore the checkpoint's extra keys, or refuse them",
             )
             sub.add_argument("--cast", action="store_true", help="allow dtype casts")
+            sub.add_argument(
+                "--rename",
+                nargs=2,
+                action="append",
+                metavar=("REGEX", "REPLACEMENT"),
+                help="map checkpoint keys before matching (repeatable), as rename= does",
+            )
+            for option, words in (
+                ("stack", "per-layer checkpoint keys into one stacked model array"),
+                ("unstack", "a stacked checkpoint array into per-layer model arrays"),
+            ):
+                sub.add_argument(
+                    f"--{option}",
+                    nargs=2,
+                    action="append",
+                    metavar=("REGEX", "AXIS"),
+                    help=f"{words} (repeatable), as {option}= does, e.g. "
+                    "'^decoder/layers/(\\d+/)' 1",
+                )
     return parser
 
 
@@ -136,6 +155,19 @@ def _diff_items(items: list[str] | None) -> str | tuple[str | None, str | None] 
         )
     item_a, item_b = (None if name == "-" else name for name in items)
     return item_a, item_b
+
+
+def _axes(pairs: list[list[str]] | None) -> dict[str, int]:
+    """``--stack REGEX AXIS`` pairs as the ``stack=`` mapping."""
+    out = {}
+    for pattern, axis in pairs or ():
+        try:
+            out[pattern] = int(axis)
+        except ValueError as err:
+            raise InvalidArgumentError(
+                f"The axis after {pattern!r} must be an integer, got {axis!r}."
+            ) from err
+    return out
 
 
 def _json(data: object) -> str:
@@ -187,7 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"The model factory {args.model!r} failed ({type(err).__name__}: "
                     f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
-            report = compare(args.path, target, step=args.step, item=args.item)
+            report = compare(
+                args.path,
+                target,
+                step=args.step,
+                item=args.item,
+                rename=dict(args.rename or ()),
+                stack=_axes(args.stack),
+                unstack=_axes(args.unstack),
+            )
             plan = report.plan(
                 strict=not args.lenient,
                 missing=args.missing,

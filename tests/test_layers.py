@@ -369,3 +369,45 @@ def test_unstack_then_stack_is_exact_for_any_layers(tmp_path_factory, n, shape, 
     del target.w
     ncw.restore(back, target, stack={r"^layers/(\d+/)": axis})
     assert np.asarray(target.layers.w[...]).tobytes() == stacked.tobytes()
+
+
+# --- the browser and the CLI -----------------------------------------------------------------
+
+
+def test_panel_shows_and_runs_the_unstack_plan(scanned_ckpt):
+    from nnx_ckpt_widgets._restore_panel import RestorePanel
+
+    path, scanned = scanned_ckpt
+    model = PerLayer(nnx.Rngs(7))
+    panel = RestorePanel(ncw.inspect(path), model, unstack=UNSTACK)
+    assert panel.phase == "ready" and panel.status.startswith("Ready to restore 16 arrays")
+    assert "← layers/wi/kernel[i, :, :]" in panel.report_html.value
+    panel.button.click()
+    assert panel.wait(60) is not None, panel.status
+    assert_layers_equal(model, scanned)
+
+
+def test_cli_compare_takes_unstack_and_rename(scanned_ckpt, tmp_path):
+    from conftest import run_cli
+
+    path, _ = scanned_ckpt
+    (tmp_path / "layer_models.py").write_text(
+        "from flax import nnx\n"
+        "class Block(nnx.Module):\n"
+        "    def __init__(self, rngs):\n"
+        "        self.wi = nnx.Linear(4, 8, rngs=rngs)\n"
+        "        self.wo = nnx.Linear(8, 4, rngs=rngs)\n"
+        "class PerLayer(nnx.Module):\n"
+        "    def __init__(self, rngs):\n"
+        "        self.layers = nnx.List([Block(rngs) for _ in range(4)])\n"
+        "def make():\n"
+        "    return PerLayer(nnx.Rngs(0))\n"
+    )
+    args = ("compare", str(path), "--model", "layer_models:make")
+    before = run_cli(*args, pythonpath=tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert r'unstack={r"^layers/(\d+/)": 0}' in before.stdout
+    after = run_cli(*args, "--unstack", r"^layers/(\d+/)", "0", pythonpath=tmp_path)
+    assert after.returncode == 0, after.stderr
+    assert "16 matched, 0 missing" in after.stdout
+    assert after.stdout.splitlines()[-1] == "Plan (strict): Ready to restore 16 arrays (1.2 KiB)."
