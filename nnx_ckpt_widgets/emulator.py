@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -58,6 +59,7 @@ _ENV_TOKEN = {
 _URL_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
 _REQUEST_LINE = re.compile(r'\\"([A-Z]+) (\S+) HTTP/[\d.]+\\" (\d{3})')
 _process_port: int | None = None  # the port TensorStore was pointed at, for this process
+_SEEN_FILESYSTEMS: weakref.WeakSet = weakref.WeakSet()  # gcsfs instances met while switching
 
 
 def _binary() -> Path:
@@ -358,11 +360,13 @@ class GCSEmulator:
         # etils.epath keeps its gcsfs instance for the life of the process (an lru_cache), so
         # dropping fsspec's instance cache is not enough: that instance would still list the
         # folders of an emulator closed earlier in this kernel (a notebook run twice). Empty
-        # the listing cache of every instance first.
+        # the listing cache of every instance ever seen here, including those that an earlier
+        # clear_instance_cache() already dropped from fsspec's cache but etils still holds.
         for cls in {gcsfs.core.GCSFileSystem, *self._saved_classes.values()}:
-            for instance in list(getattr(cls, "_cache", {}).values()):
-                with suppress(Exception):
-                    instance.invalidate_cache()
+            _SEEN_FILESYSTEMS.update(getattr(cls, "_cache", {}).values())
+        for instance in list(_SEEN_FILESYSTEMS):
+            with suppress(Exception):
+                instance.invalidate_cache()
         gcsfs.core.GCSFileSystem.clear_instance_cache()
 
     def __enter__(self) -> GCSEmulator:
