@@ -141,8 +141,12 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 
 def _endpoint() -> tuple[str, int]:
-    """Host and port gcsfs sends its requests to: the emulator's, or Google's."""
-    url = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    """Host and port gcsfs sends its requests to: the one configured for fsspec's ``gs``, the
+    emulator's, or Google's."""
+    import fsspec.config
+
+    url = str(fsspec.config.conf.get("gs", {}).get("endpoint_url") or "")
+    url = url or os.environ.get("STORAGE_EMULATOR_HOST", "")
     if url in ("", "default"):
         url = "https://storage.googleapis.com"
     elif "://" not in url:

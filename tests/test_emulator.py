@@ -48,3 +48,30 @@ def test_stop_then_start_keeps_the_port_and_the_objects():
         assert _port_is_free(gcs.port)
         gcs.start()
         assert (epath.Path("gs://again") / "kept.txt").read_text() == "kept"
+
+
+def test_a_refusing_endpoint_is_reported_at_once(monkeypatch):
+    """The probe asks the endpoint gcsfs would use; a refused connection is a StorageError
+    before any gcsfs retry."""
+    import fsspec.config
+    import pytest
+
+    from nnx_ckpt_widgets import _bucket
+    from nnx_ckpt_widgets.errors import StorageError
+
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"endpoint_url": f"http://127.0.0.1:{port}"})
+    assert _bucket._endpoint() == ("127.0.0.1", port)
+    with pytest.raises(
+        StorageError,
+        match=rf"^Cannot read gs://b/x: the storage endpoint 127\.0\.0\.1:{port} cannot be reached \(Connection refused\)",
+    ):
+        _bucket._check_reachable("gs://b/x")
+    monkeypatch.setitem(fsspec.config.conf, "gs", {})
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
+    assert _bucket._endpoint() == ("127.0.0.1", 4443)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    assert _bucket._endpoint() == ("storage.googleapis.com", 443)
