@@ -67,7 +67,8 @@ def test_a_refusing_endpoint_is_reported_at_once(monkeypatch):
     assert _bucket._endpoint() == ("127.0.0.1", port)
     with pytest.raises(
         StorageError,
-        match=rf"^Cannot read gs://b/x: the storage endpoint 127\.0\.0\.1:{port} cannot be reached \(Connection refused\)",
+        match=rf"^Cannot read gs://b/x: the storage endpoint 127\.0\.0\.1:{port} cannot be "
+        r"reached \(Connection refused\)",
     ):
         _bucket._check_reachable("gs://b/x")
     monkeypatch.setitem(fsspec.config.conf, "gs", {})
