@@ -141,6 +141,25 @@ class DiffReport:
         return max(finite, key=lambda d: d.rel_change or 0.0, default=None)
 
     @property
+    def relative_change(self) -> float | None:
+        """``||b - a|| / ||a||`` over every array compared, pooled as one vector (PRNG keys
+        aside): how far the whole checkpoint moved. None when nothing was compared, or when a
+        side holds NaN or Inf."""
+        diffs = [e.diff for e in self.compared if e.diff is not None]
+        if not diffs or any(d.nan_a or d.nan_b or d.inf_a or d.inf_b for d in diffs):
+            return None
+        # Pooled sums of squares, not a merge of the ratios: an array that starts at zeros
+        # (a bias) has an infinite ratio of its own but adds only its move to the whole.
+        aa = dd = 0.0
+        for d in diffs:
+            if not d.identical and d.norm_a is not None and d.norm_diff is not None:
+                aa += d.norm_a**2
+                dd += d.norm_diff**2
+        if dd == 0.0:
+            return 0.0
+        return math.sqrt(dd / aa) if aa else math.inf
+
+    @property
     def large_changes(self) -> list[str]:
         """Keys whose relative change ``||a - b|| / ||a||`` is finite and over
         :data:`LARGE_CHANGE`: the array moved by more than a hundred times its own size."""

@@ -11,7 +11,6 @@ time; nothing is written anywhere.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 from nnx_ckpt_widgets._text import clip, plural, table
 from nnx_ckpt_widgets._values import select_leaves
-from nnx_ckpt_widgets.diff import DiffReport, diff_infos
+from nnx_ckpt_widgets.diff import diff_infos
 from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.metadata import inspect
 from nnx_ckpt_widgets.stats import info_where, number, stats_of, which_arrays
@@ -202,24 +201,6 @@ class StepsReport:
         }
 
 
-def _change(report: DiffReport) -> float | None:
-    """``||b - a|| / ||a||`` over the arrays that changed; None when a side is not finite."""
-    if report.nonfinite_b or any(
-        e.diff is not None and (e.diff.nan_a or e.diff.inf_a) for e in report.compared
-    ):
-        return None
-    aa = dd = 0.0
-    for entry in report.compared:
-        d = entry.diff
-        if d is None or d.identical or d.norm_a is None or d.norm_diff is None:
-            continue
-        aa += d.norm_a**2
-        dd += d.norm_diff**2
-    if dd == 0.0:
-        return 0.0
-    return math.sqrt(dd / aa) if aa else math.inf
-
-
 def check_steps(
     path: str | os.PathLike,
     *,
@@ -281,7 +262,7 @@ def check_steps(
             previous = info
             continue
         report = diff_infos(previous, info, select=select, progress=progress)
-        change = _change(report)
+        change = report.relative_change
         baseline = statistics.median(moves) if moves else None
         # A move that cannot be measured (NaN or Inf on a side) is not in line.
         in_line = change is not None and (baseline is None or change <= factor * baseline)

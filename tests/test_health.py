@@ -79,3 +79,27 @@ def test_bad_input(run, tmp_path):
     one = save_checkpoint(tmp_path / "one", {"x": np.zeros(2)})
     with pytest.raises(nw.InvalidArgumentError, match="needs a root of steps"):
         nw.check_steps(one)
+
+
+def test_zero_started_arrays_and_rng_keys_keep_the_measure_finite(tmp_path):
+    """A bias that starts at zeros has no size of its own and a PRNG key has no norm: the move
+    of a step pools the sums of squares of the arrays that have one."""
+    import jax
+
+    steps = {}
+    for i, step in enumerate((0, 5, 10)):
+        steps[step] = {
+            "model": {
+                "bias": np.full(4, 0.1 * i, np.float32),
+                "key": jax.random.key(step),
+                "w": (BASE * np.float32(1 + 0.01 * i)).astype(np.float32),
+            }
+        }
+    root = save_manager(tmp_path / "run", steps)
+    report = nw.check_steps(root, item="model", progress=False)
+    assert report.first_bad is None and report.last_good == 10
+    w = [steps[s]["model"]["w"].astype(np.float64) for s in (0, 5)]
+    moved = math.sqrt(np.sum((w[1] - w[0]) ** 2) + 4 * 0.1**2)  # the bias moves from zeros
+    assert math.isclose(report[5].change, moved / np.linalg.norm(w[0]), rel_tol=1e-5)
+    direct = nw.diff(root, steps=(0, 5), item="model", progress=False)
+    assert direct.relative_change == report[5].change
