@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from nnx_ckpt_widgets._text import clip, plural, table
-from nnx_ckpt_widgets._values import select_leaves
+from nnx_ckpt_widgets._values import ProgressArg, select_leaves
 from nnx_ckpt_widgets.diff import diff_infos
 from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.metadata import inspect
@@ -207,7 +207,7 @@ def check_steps(
     item: str | None = None,
     select: str | None = None,
     factor: float = DEFAULT_FACTOR,
-    progress: Any = None,
+    progress: ProgressArg = None,
 ) -> StepsReport:
     """Walk every step of a run: NaN and Inf in each, and how far each moved from the one before.
 
