@@ -108,6 +108,24 @@ def first_header_entry(text: str, field: str, value: object) -> str:
     return json.dumps(data)
 
 
+def first_entry_shape(
+    change: Callable[[int], list[int]], empty: bool = False
+) -> Callable[[str], str]:
+    """A header whose first tensor's shape becomes ``change(elements)``, its byte count still
+    matching (``empty``: its offsets collapse to none, for a shape of no elements)."""
+
+    def rewrite(text: str) -> str:
+        data = json.loads(text)
+        name = next(k for k in data if k != "__metadata__")
+        entry = data[name]
+        entry["shape"] = change(math.prod(entry["shape"]))
+        if empty:
+            entry["data_offsets"] = [entry["data_offsets"][0]] * 2
+        return json.dumps(data)
+
+    return rewrite
+
+
 ZARRAY = "linear1.kernel.value"  # an array of the Orbax checkpoint: (3, 4) float32
 
 
@@ -192,12 +210,12 @@ CASES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     ),
     "safetensors-shape-2**63-by-0": (
         "st",
-        _st_header(lambda t: first_header_entry(t, "shape", [2**63, 0])),
+        _st_header(first_entry_shape(lambda n: [2**63, 0], empty=True)),
         "larger than int64",
     ),
     "safetensors-65-dims": (
         "st",
-        _st_header(lambda t: first_header_entry(t, "shape", [1] * 65)),
+        _st_header(first_entry_shape(lambda n: [1] * 64 + [n])),
         "65 dimensions",
     ),
     "zarray-dtype-garbage": (
