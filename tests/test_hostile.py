@@ -380,3 +380,48 @@ def test_unknown_dtypes_are_invalid(spec):
 )
 def test_known_dtypes_are_named(spec, name):
     assert _untrusted.dtype_name(spec) == name
+
+
+# --- the CLI prints any string, and --json is strict JSON ------------------------------------
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> object:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def surrogate_file(tmp_path) -> Path:
+    """A safetensors file (written by ``safetensors``) whose tensor is then renamed
+    ``"w\\ud800"``: a lone surrogate, valid in JSON, that no UTF-8 stream can encode."""
+    path = tmp_path / "model.safetensors"
+    save_file({"wX": np.arange(4, dtype=np.float32)}, path, metadata={"note": "nX"})
+    rewrite_header(path, lambda t: t.replace('"wX"', '"w\\ud800"').replace('"nX"', '"n\\udfff"'))
+    return path
+
+
+def test_cli_text_escapes_lone_surrogates(surrogate_file):
+    assert "w\ud800" in {leaf.name for leaf in ncw.inspect(surrogate_file)}
+    result = run_cli("inspect", str(surrogate_file))
+    assert result.returncode == 0, result.stderr
+    assert "w\\ud800" in result.stdout and result.stderr == ""
+
+
+def test_cli_json_of_lone_surrogates_is_json_that_reads_back(surrogate_file):
+    result = run_cli("inspect", "--json", str(surrogate_file))
+    assert result.returncode == 0, result.stderr
+    data = _strict_json(result.stdout)
+    assert [leaf["key"] for leaf in data["leaves"]] == ["w\ud800"]
+    assert data["custom_metadata"] == {"note": "n\udfff"}
+
+
+def test_cli_json_is_strict_for_a_config_holding_nan(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"w": np.arange(4, dtype=np.float32)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"a": 1.5, "nan": math.nan, "inf": [math.inf]}))
+    result = run_cli("inspect", "--json", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert _strict_json(result.stdout)["config"] == {"a": 1.5, "nan": None, "inf": [None]}
