@@ -151,7 +151,7 @@ def _tensors(file: AnyPath, parsed: dict[str, Any], start: int, data_size: int) 
     One tight loop over up to 10^6 entries: a hostile 60 MB header must fail, and a valid one
     pass, in a fraction of the time ``json.loads`` took (benchmark case 18).
     """
-    tensors = []
+    tensors: list[Tensor] = []
     append = tensors.append
     itemsizes = _ITEMSIZES
     shape_of, span_of, prod = _untrusted.shape, _untrusted.span, math.prod
