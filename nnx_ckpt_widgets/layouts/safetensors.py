@@ -149,7 +149,7 @@ def _tensors(file: AnyPath, parsed: dict[str, Any], start: int, data_size: int) 
     """Every entry of a parsed header, checked (dtype, shape, offsets, sizes) in one pass.
 
     One tight loop over up to 10^6 entries: a hostile 60 MB header must fail, and a valid one
-    pass, in a fraction of the time ``json.loads`` took (benchmark case 18).
+    pass, in a fraction of the time ``json.loads`` took (benchmark case 30).
     """
     tensors: list[Tensor] = []
     append = tensors.append
