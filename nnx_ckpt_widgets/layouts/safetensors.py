@@ -68,6 +68,7 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E8M0": ("float8_e8m0fnu", 1),
 }
 _ITEMSIZES = {name: size for name, (_, size) in DTYPES.items()}
+_NUMPY_NAMES = {name: numpy for name, (numpy, _) in DTYPES.items()}
 # What Orbax 0.12.8's reader can read (its _get_dtypes), for files in a bucket; local files
 # are read directly (see ``SafetensorsLayout.read``) and take every dtype above.
 ORBAX_READABLE = frozenset(DTYPES) - {"F8_E8M0"}
@@ -296,23 +297,20 @@ class SafetensorsLayout:
     def _leaves(self, location: Location) -> list[StoredLeaf]:
         seen: dict[str, AnyPath] = {}
         leaves = []
-        for header in self.headers(location):
-            for tensor in header.tensors:
-                if tensor.name in seen:
-                    raise CorruptCheckpointError(
-                        f"Safetensors checkpoint at {location.path} is damaged: tensor "
-                        f"{clip(tensor.name, 60)!r} is in both {seen[tensor.name]} and "
-                        f"{tensor.file}; download or save it again."
-                    )
-                seen[tensor.name] = tensor.file
-                leaves.append(
-                    StoredLeaf(
-                        stored_path=tuple(tensor.name.split(".")),
-                        shape=tensor.shape,
-                        dtype=DTYPES[tensor.dtype][0],
-                        sharding=None,
-                    )
-                )
+        append, names = leaves.append, _NUMPY_NAMES
+        headers = self.headers(location)
+        for header in headers:
+            for name, file, dtype, shape, *_ in header.tensors:
+                # One file's names are one JSON object's keys: only shards can repeat a name.
+                if len(headers) > 1:
+                    if name in seen:
+                        raise CorruptCheckpointError(
+                            f"Safetensors checkpoint at {location.path} is damaged: tensor "
+                            f"{clip(name, 60)!r} is in both {seen[name]} and {file}; download "
+                            "or save it again."
+                        )
+                    seen[name] = file
+                append(StoredLeaf(tuple(name.split(".")), shape, names[dtype], None))
         return leaves
 
     def read(self, location: Location, requests: Sequence[ReadRequest]) -> list[Any]:
