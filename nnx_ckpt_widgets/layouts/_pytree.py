@@ -143,17 +143,16 @@ def _read_shardings(item_dir: AnyPath) -> dict[str, str]:
         return {}
     except OSError:
         text = b""  # unreadable: reported as damage just below
-    try:
-        raw = _untrusted.parse_json(text, file, "shardings")
-    except CorruptCheckpointError as err:
-        if "nests deeper" in str(err):
-            raise
-        raw = None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} is not a JSON object; "
-            "restore it from a copy or save it again."
+
+    def damaged(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} {why}; restore it from a "
+            "copy or save it again."
         )
+
+    raw = _untrusted.parse_json(text, file, "shardings", damaged)
+    if not isinstance(raw, dict):
+        raise damaged("is not a JSON object")
     out = {}
     for encoded, spec in raw.items():
         try:
