@@ -296,7 +296,7 @@ class SafetensorsLayout:
 
     def _leaves(self, location: Location) -> list[StoredLeaf]:
         seen: dict[str, AnyPath] = {}
-        leaves = []
+        leaves: list[StoredLeaf] = []
         append, names = leaves.append, _NUMPY_NAMES
         headers = self.headers(location)
         for header in headers:
