@@ -82,7 +82,7 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
                 return layout.locate(listing, step, item)
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
-            "wrote, or a .safetensors file."
+            "wrote, a .safetensors file or a flax .msgpack file."
         )
     if TMP_MARKER in root.name:
         raise IncompleteCheckpointError(
