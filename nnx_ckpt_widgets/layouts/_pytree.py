@@ -51,6 +51,12 @@ def is_pytree(names: frozenset[str]) -> bool:
 _LEGACY = "checkpoint"  # orbax_legacy.TREE_FILE (that module imports this one)
 
 
+def before_metadata(item_dir: AnyPath) -> bool:
+    """Whether ``item_dir`` is an Orbax 0.2.x PyTree folder, which has no ``_METADATA`` by
+    design (ask only once reading ``_METADATA`` failed: it lists the folder)."""
+    return _legacy(item_dir) is not None
+
+
 def _legacy(item_dir: AnyPath) -> Any:
     """The ``orbax_legacy`` module when ``item_dir`` is an Orbax 0.2.x folder, else None.
 
