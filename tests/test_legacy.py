@@ -26,6 +26,7 @@ from flax.training import checkpoints
 import nnx_ckpt_widgets as ncw
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets.layouts import _steps
+from nnx_ckpt_widgets.layouts import msgpack as msgpack_layout
 
 DATA = Path(__file__).parent / "data"
 OLD = DATA / "orbax_0.2.3"
@@ -447,3 +448,26 @@ def test_files_named_like_steps_that_are_not_msgpack(tmp_path):
         (tmp_path / f"log_{step}").write_text("epoch done\n")
     with pytest.raises(ncw.UnknownLayoutError, match="not flax msgpack checkpoints"):
         ncw.inspect(tmp_path)
+    with pytest.raises(ncw.UnknownLayoutError, match="not a flax msgpack checkpoint"):
+        ncw.inspect(tmp_path / "log_2")
+
+
+def test_tensorflow_checkpoint_folder_is_not_called_damaged(tmp_path):
+    # TensorFlow's layout also has a file named "checkpoint" (a text index of ckpt-<n> files)
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    (tmp_path / "ckpt-1.index").write_bytes(b"\0" * 8)
+    (tmp_path / "ckpt-1.data-00000-of-00001").write_bytes(b"\0" * 8)
+    with pytest.raises(ncw.UnknownLayoutError):
+        ncw.inspect(tmp_path)
+    (tmp_path / "ckpt-1.index").unlink()
+    (tmp_path / "ckpt-1.data-00000-of-00001").unlink()
+    with pytest.raises(ncw.UnknownLayoutError, match=r"not the msgpack tree Orbax 0\.2 writes"):
+        ncw.inspect(tmp_path)
+
+
+def test_too_many_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(msgpack_layout, "MAX_KEYS", 100)
+    path = tmp_path / "many.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({str(i): None for i in range(200)}))
+    with pytest.raises(ncw.CorruptCheckpointError, match="more than 100 keys"):
+        ncw.inspect(path)

@@ -45,10 +45,11 @@ OCDBT_FILES = ("manifest.ocdbt", _SHARDING_FILE, "d", "array_metadatas")
 def is_pytree(names: frozenset[str]) -> bool:
     """Whether a folder holding ``names`` is an Orbax PyTree folder (maybe a damaged one), or
     one from before ``_METADATA`` (Orbax 0.2.x: a ``checkpoint`` file, see ``orbax_legacy``)."""
-    return PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES) or _LEGACY in names
+    if PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES):
+        return True
+    from nnx_ckpt_widgets.layouts import orbax_legacy  # it imports this module
 
-
-_LEGACY = "checkpoint"  # orbax_legacy.TREE_FILE (that module imports this one)
+    return orbax_legacy.is_legacy(names)
 
 
 def before_metadata(item_dir: AnyPath) -> bool:

@@ -52,6 +52,8 @@ MAX_DEPTH = 64
 # Names (keys, dtypes) and string leaves are read whole; nothing a checkpoint writes is longer.
 MAX_NAME = 1 << 16
 MAX_DIMS = 32
+# The largest trees people save hold some 10^5 leaves (optimizer states included).
+MAX_KEYS = 1_000_000
 CHUNKED = "__msgpack_chunked_array__"
 # Orbax 0.2.x writes this string in its ``checkpoint`` file for an array kept in a zarr folder.
 PLACEHOLDER = "PLACEHOLDER://"
@@ -252,6 +254,7 @@ class _Walk:
     def __init__(self, stream: _Stream):
         self.stream = stream
         self.entries: list[Entry] = []
+        self.keys = 0
 
     def value(self, path: tuple[str, ...], depth: int) -> None:
         stream = self.stream
@@ -263,6 +266,11 @@ class _Walk:
             # Each entry takes at least one byte per key and value: a count the file cannot
             # hold is refused before the loop.
             stream.need(n * (2 if kind == "map" else 1), f"a {kind} of {n:,} entries")
+            self.keys += n
+            if self.keys > MAX_KEYS:
+                # Keys are held while walking: a tiny-keyed file of many megabytes would
+                # otherwise grow the walk's memory far beyond the file's size.
+                raise _damaged(stream.file, f"it holds more than {MAX_KEYS:,} keys")
             first = len(self.entries)
             names: set[str] = set()
             for i in range(n):
@@ -422,8 +430,17 @@ class MsgpackLayout:
                 "drop item=."
             )
         if listing.is_file:
-            _steps.no_step_here(listing.path, step)
-            return self._files(listing.path, listing.path.parent, [listing.path], self.name)
+            file = listing.path
+            if not file.name.endswith(SUFFIX) and not is_msgpack_map(file):
+                # Only its name (checkpoint_300) made it a candidate: not a reason to call a
+                # file of another kind a damaged checkpoint.
+                raise UnknownLayoutError(
+                    f"No checkpoint layout recognised at {file}: it is a file, but not a flax "
+                    "msgpack checkpoint; pass the folder that Orbax wrote, a .safetensors file "
+                    "or a flax .msgpack file."
+                )
+            _steps.no_step_here(file, step)
+            return self._files(file, file.parent, [file], self.name)
         folder = listing.path
         if HF_INDEX in listing.files:
             _steps.no_step_here(folder, step)

@@ -21,7 +21,12 @@ from typing import Any
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets._storage import AnyPath, Listing
 from nnx_ckpt_widgets._text import clip
-from nnx_ckpt_widgets.errors import CheckpointError, CorruptCheckpointError, ItemSelectionError
+from nnx_ckpt_widgets.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    ItemSelectionError,
+    UnknownLayoutError,
+)
 from nnx_ckpt_widgets.layouts import _pytree, _steps, msgpack
 from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StoredLeaf
 
@@ -29,11 +34,15 @@ TREE_FILE = "checkpoint"
 
 
 def is_legacy(names: frozenset[str]) -> bool:
-    """Whether a folder holding ``names`` is an Orbax PyTree folder from before ``_METADATA``."""
+    """Whether a folder holding ``names`` is an Orbax PyTree folder from before ``_METADATA``.
+
+    TensorFlow also names a file ``checkpoint`` (its index of ``ckpt-<n>.index`` and
+    ``.data-*`` files): such a folder is not one."""
     return (
         TREE_FILE in names
         and _pytree.PYTREE_METADATA not in names
         and not any(n in names for n in _pytree.OCDBT_FILES)
+        and not any(n.endswith(".index") or ".data-" in n for n in names)
     )
 
 
@@ -168,6 +177,11 @@ class OrbaxLegacyLayout:
         if item is not None:
             raise ItemSelectionError(
                 f"Checkpoint at {listing.path} holds one unnamed tree, not named items; drop item=."
+            )
+        if not msgpack.is_msgpack_map(listing.path / TREE_FILE):
+            raise UnknownLayoutError(
+                f"No checkpoint layout recognised at {listing.path}: its {TREE_FILE} file is not "
+                "the msgpack tree Orbax 0.2 writes; pass a checkpoint folder."
             )
         return Location(path=listing.path, layout=self, kind=self.name, data=listing.path)
 
