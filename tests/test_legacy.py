@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -471,3 +473,60 @@ def test_too_many_keys(tmp_path, monkeypatch):
     path.write_bytes(serialization.msgpack_serialize({str(i): None for i in range(200)}))
     with pytest.raises(ncw.CorruptCheckpointError, match="more than 100 keys"):
         ncw.inspect(path)
+
+
+# --- in a bucket ----------------------------------------------------------------------------
+
+# In a fresh interpreter: TensorStore reads the emulator's address once per process, and
+# tests/test_gcs.py keeps its own emulator for its module (a second one in the same process
+# cannot take the port back).
+BUCKET_SCRIPT = """
+import sys, uuid
+from pathlib import Path
+import fsspec
+import numpy as np
+import nnx_ckpt_widgets as ncw
+from nnx_ckpt_widgets.emulator import GCSEmulator
+sys.path.insert(0, sys.argv[1])
+import test_legacy as t
+
+with GCSEmulator() as gcs:
+    bucket = gcs.create_bucket(f"legacy-{uuid.uuid4().hex[:12]}")
+    fs = fsspec.filesystem("gs")
+    cases = {
+        "hf": (t.HF / "sharded", t.expected_hf()),
+        "flax": (t.FLAX07 / "msgpack", t.expected_old(6)),
+        "plain": (t.OLD / "plain", t.expected_old(1)),
+        "aggregate": (t.OLD / "aggregate", t.expected_old(1)),
+    }
+    for name, (local, expected) in cases.items():
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            fs.pipe(f"{bucket}/{name}/{file.relative_to(local)}", file.read_bytes())
+        url = f"{bucket}/{name}"
+        info = ncw.inspect(url)
+        assert str(info.path) == url and len(info.leaves) == len(expected), name
+        model = t.tree_module(expected)
+        ncw.restore(url, model)
+        t.assert_holds(model, expected)
+        print(name, info.layout)
+"""
+
+
+def test_in_a_bucket(tmp_path):
+    script = tmp_path / "bucket.py"
+    script.write_text(BUCKET_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "hf Hugging Face Flax weights (2 shards)",
+        "flax Flax msgpack checkpoint root",
+        "plain Orbax checkpoint (before _METADATA)",
+        "aggregate Orbax checkpoint (before _METADATA)",
+    ]

@@ -122,7 +122,9 @@ class _Stream:
         offset = self.pos - self._at
         if not (offset >= 0 and offset + n <= len(self._buf)):
             try:
-                self._buf = _storage.read_range(self.file, self.pos, max(n, _WINDOW))
+                # Never past the end: a bucket refuses a range beyond the object.
+                want = min(max(n, _WINDOW), self.end - self.pos)
+                self._buf = _storage.read_range(self.file, self.pos, want)
             except OSError as err:
                 raise CorruptCheckpointError(
                     f"Cannot read msgpack checkpoint {self.file}: {err.strerror or err}; check "
