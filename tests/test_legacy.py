@@ -8,6 +8,7 @@ any large allocation."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -333,6 +334,17 @@ def test_flax07_msgpack_root():
     model = tree_module(expected_old(5))
     ncw.restore(FLAX07 / "msgpack", model, step=5)
     assert_holds(model, expected_old(5))
+    browser = ncw.CheckpointBrowser(FLAX07 / "msgpack")
+    assert [value for _, value in browser.step_selector.options] == [5, 6]
+    browser.step_selector.value = 5
+    assert browser.error is None and browser.info.step == 5
+
+
+def test_cli_json_of_hf_weights():
+    done = run_cli("inspect", str(HF / "sharded"), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["layout"] == "Hugging Face Flax weights (2 shards)" and data["arrays"] == 39
 
 
 @pytest.mark.skipif(

@@ -37,6 +37,7 @@ from nnx_ckpt_widgets.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     ItemSelectionError,
+    ResourceExhaustedError,
     UnknownLayoutError,
 )
 from nnx_ckpt_widgets.layouts import _steps
@@ -607,6 +608,11 @@ def _decode(path: AnyPath, entry: Entry) -> Any:
             value = serialization.msgpack_restore(raw)
     except CheckpointError:
         raise
+    except MemoryError as err:  # the machine, not the file: its bytes were validated
+        raise ResourceExhaustedError(
+            f"Ran out of memory reading {clip('/'.join(entry.path), 60)!r} of {path}; the "
+            "target was left unchanged, restore fewer arrays at a time."
+        ) from err
     except Exception as err:  # msgpack and NumPy raise several types for bad bytes
         raise _changed(path, entry) from err
     value = np.asarray(value)

@@ -25,6 +25,7 @@ from nnx_ckpt_widgets.errors import (
     CheckpointError,
     CorruptCheckpointError,
     ItemSelectionError,
+    ResourceExhaustedError,
     UnknownLayoutError,
 )
 from nnx_ckpt_widgets.layouts import _pytree, _steps, msgpack
@@ -152,6 +153,11 @@ def _read_zarr(folder: AnyPath, names: list[str], requests: list[ReadRequest]) -
         values = _storage.guarded(folder, run)
     except CheckpointError:
         raise
+    except MemoryError as err:  # the machine, not the checkpoint
+        raise ResourceExhaustedError(
+            f"Ran out of memory reading {len(names)} arrays of {folder}; the target was left "
+            "unchanged, restore fewer arrays at a time."
+        ) from err
     except Exception as err:  # Orbax and TensorStore raise many types for damaged data
         raise CorruptCheckpointError(
             f"Checkpoint at {folder} could not be read: {_pytree.reason(err)}; the target was "
