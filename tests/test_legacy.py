@@ -149,6 +149,23 @@ def test_flax_msgpack_root_inspect_restore_stats_diff(flax_run):
     assert changes.summary().startswith("1 of 4 arrays unchanged: linear2/bias")
 
 
+def test_damaged_newest_step_file_leaves_the_older_ones(flax_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(flax_run, root)
+    newest = root / "checkpoint_30"
+    newest.write_bytes(newest.read_bytes()[:50])  # a copy cut short
+    info = ncw.inspect(root)
+    assert info.step == 20 and [s.step for s in info.steps] == [10, 20]
+    with pytest.raises(ncw.CorruptCheckpointError, match="checkpoint_30 is damaged"):
+        ncw.inspect(root, step=30)
+
+
+def test_hf_weights_file_alone_shows_its_config():
+    info = ncw.inspect(HF / "single" / "flax_model.msgpack")
+    assert info.layout == "Hugging Face Flax weights"
+    assert info.config is not None and info.config["hidden_size"] == 8
+
+
 def test_flax_msgpack_single_file_and_cli(flax_run, tmp_path):
     file = flax_run / "checkpoint_20"
     info = ncw.inspect(file)

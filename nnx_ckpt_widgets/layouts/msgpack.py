@@ -443,7 +443,9 @@ class MsgpackLayout:
                     "or a flax .msgpack file."
                 )
             _steps.no_step_here(file, step)
-            return self._files(file, file.parent, [file], self.name)
+            hf = file.name == HF_WEIGHTS or _HF_SHARD.match(file.name)
+            kind = "Hugging Face Flax weights" if hf else self.name
+            return self._files(file, file.parent, [file], kind)
         folder = listing.path
         if HF_INDEX in listing.files:
             _steps.no_step_here(folder, step)
@@ -476,18 +478,29 @@ class MsgpackLayout:
                 "file."
             )
         steps = tuple(StepInfo(n, root / found[n], (), {}) for n in sorted(found))
-        if step is None:
-            chosen = steps[-1]
-        else:
+        kind = self.name + " root"
+        if step is not None:
             match = [s for s in steps if s.step == step]
             if not match:
                 available = ", ".join(str(s.step) for s in steps)
                 raise CheckpointNotFoundError(
                     f"Checkpoint root {root} has no step {step}; pick one of: {available}."
                 )
-            chosen = match[0]
-        location = self._files(root, root, [chosen.path], self.name + " root")
-        return dataclasses.replace(location, step=chosen.step, steps=steps)
+            location = self._files(root, root, [match[0].path], kind)
+            return dataclasses.replace(location, step=step, steps=steps)
+        # The latest step that reads: a damaged newest file (a copy cut short) must not hide
+        # the steps before it; it is then not offered.
+        damaged: CorruptCheckpointError | None = None
+        for chosen in reversed(steps):
+            try:
+                location = self._files(root, root, [chosen.path], kind)
+            except CorruptCheckpointError as err:
+                damaged = damaged or err
+                continue
+            offered = tuple(s for s in steps if s.step <= chosen.step)
+            return dataclasses.replace(location, step=chosen.step, steps=offered)
+        assert damaged is not None, "a root has at least one step file"
+        raise damaged
 
     def _files(self, path: AnyPath, folder: AnyPath, files: list[AnyPath], kind: str) -> Location:
         entries: list[Entry] = []
