@@ -559,3 +559,35 @@ def test_in_a_bucket(tmp_path):
         "plain Orbax checkpoint (before _METADATA)",
         "aggregate Orbax checkpoint (before _METADATA)",
     ]
+
+
+def _tree_hash(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).digest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        (HF / "sharded", expected_hf),
+        (FLAX07 / "msgpack", lambda: expected_old(6)),
+        (OLD / "manager", lambda: expected_old(2)),
+        (OLD / "plain", lambda: expected_old(1)),
+    ],
+    ids=["hf", "flax-msgpack", "orbax-manager", "orbax-plain"],
+)
+def test_no_entry_point_writes_into_the_checkpoint(path, expected):
+    before = _tree_hash(path)
+    model = tree_module(expected())
+    ncw.inspect(path)
+    ncw.compare(path, model)
+    ncw.restore(path, model)
+    ncw.stats(path)
+    ncw.diff(path, path)
+    ncw.CheckpointBrowser(path, model)
+    assert _tree_hash(path) == before
