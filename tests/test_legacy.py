@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import flax
@@ -103,7 +104,12 @@ def mlp_tree(seed: int) -> dict:
 def flax_run(tmp_path_factory) -> Path:
     """A root of ``checkpoint_<n>`` msgpack files from ``flax.training.checkpoints``."""
     root = tmp_path_factory.mktemp("flax_msgpack") / "run"
-    with flax.config.temp_flip_flag("use_orbax_checkpointing", False):
+    with (
+        flax.config.temp_flip_flag("use_orbax_checkpointing", False),
+        warnings.catch_warnings(),
+    ):
+        # flax's notice that this backend is deprecated: it is the writer being tested
+        warnings.simplefilter("ignore", DeprecationWarning)
         for step in (10, 20, 30):
             checkpoints.save_checkpoint(root, mlp_tree(step), step, keep=5)
     return root
