@@ -149,7 +149,7 @@ def read_error(
     *,
     what: str = "Checkpoint",
     metadata: bool = False,
-    unchanged: str = "the target was left unchanged",
+    unchanged: str = "any target was left unchanged",
     damaged: str = "restore it from a copy or save it again",
 ) -> CheckpointError:
     """The :class:`CheckpointError` that says what a foreign read error means.
@@ -175,8 +175,9 @@ def read_error(
     if (inner := _out_of_memory(err)) is not None:
         return ResourceExhaustedError(
             f"{where} could not be read: the machine ran out of memory ({_why(inner, err)}); "
-            f"the checkpoint is fine and {unchanged}, so free memory or read fewer arrays at a "
-            "time (leave some out with strict=False, or spread them over more devices)."
+            f"the checkpoint is fine and {unchanged}, so free memory or read fewer arrays at "
+            "once (restore part with strict=False, pick some with select=, or shard the target "
+            "over more devices)."
         )
     if (inner := _found(err, _SHARDING)) is not None:
         return ShardingMismatchError(
