@@ -164,10 +164,11 @@ def run_child(function: str, root: Path, devices: int) -> dict[str, Any]:
 
 
 def outcome(call: Callable[[], Any]) -> dict[str, Any]:
-    """``{"error": None}``, or the class, message and cause of the CheckpointError raised."""
+    """``{"error": None}``, or the class, message and cause of what ``call`` raised (a failed
+    assertion too: each case is reported on its own)."""
     try:
         call()
-    except ncw.CheckpointError as err:
+    except Exception as err:
         return {
             "error": type(err).__name__,
             "message": str(err),
