@@ -764,6 +764,112 @@ def case_bucket_big(tmp: Path, size: Size) -> list[Result]:
     ]
 
 
+# --- issue 25: unstack a scanned checkpoint into a per-layer model ---------------------------
+
+LAYER_COUNT = 8
+LAYER_NAMES = ("wq", "wk", "wv", "wo")
+
+
+def _layer_models(size: Size):
+    """A scanned model (each of 4 arrays stacked over 8 layers: 1 GiB at full size) and the
+    per-layer model of the same weights."""
+    from flax import nnx
+
+    rows = size.side // 2
+
+    class Scanned(nnx.Module):
+        def __init__(self, seed: int):
+            rng = np.random.default_rng(seed)
+            for name in LAYER_NAMES:
+                shape = (LAYER_COUNT, rows, size.side)
+                setattr(self, name, nnx.Param(rng.standard_normal(shape, dtype=np.float32)))
+
+    class Layer(nnx.Module):
+        def __init__(self):
+            for name in LAYER_NAMES:
+                setattr(self, name, nnx.Param(np.zeros((rows, size.side), np.float32)))
+
+    class PerLayer(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([Layer() for _ in range(LAYER_COUNT)])
+
+    return Scanned, PerLayer
+
+
+def scanned_checkpoint(tmp: Path, size: Size) -> Path:
+    if "scanned" not in _cache:
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        scanned_cls, _ = _layer_models(size)
+        path = tmp / "scanned"
+        # Saved as a per-layer model's stacked twin: layers/wq holds all 8 layers on axis 0.
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, {"layers": nnx.state(scanned_cls(0)).to_pure_dict()})
+        _cache["scanned"] = path
+    return _cache["scanned"]
+
+
+UNSTACK = {r"^layers/(\d+/)": 0}
+
+_LAYERS_RSS_CODE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+from flax import nnx
+import nnx_ckpt_widgets as nw
+from benchmarks.cases import Size, _layer_models, UNSTACK
+size = Size(**json.loads({size!r}))
+scanned_cls, per_layer_cls = _layer_models(size)
+if {ours!r}:
+    model = nnx.eval_shape(per_layer_cls)
+    nw.restore({path!r}, model, unstack=UNSTACK)
+    jax.block_until_ready(model.layers[0].wq[...])
+else:
+    model = nnx.eval_shape(lambda: scanned_cls(1))
+    nw.restore({path!r}, model, rename={{"^layers/": ""}})
+    jax.block_until_ready(model.wq[...])
+{peak}
+"""
+
+
+def case_unstack(tmp: Path, size: Size) -> list[Result]:
+    """Unstack an 8-layer scanned checkpoint into a per-layer model vs a plain restore of it."""
+    from flax import nnx
+
+    import nnx_ckpt_widgets as nw
+
+    path = scanned_checkpoint(tmp, size)
+    scanned_cls, per_layer_cls = _layer_models(size)
+    per_layer = per_layer_cls()
+    scanned = nnx.eval_shape(lambda: scanned_cls(1))
+
+    def ours():
+        nw.restore(path, per_layer, unstack=UNSTACK)
+
+    def plain():
+        nw.restore(path, scanned, rename={"^layers/": ""})
+
+    ours_t, plain_t = alternate(ours, plain, size.repeats)
+    for i, layer in enumerate(per_layer.layers):  # bit for bit, every layer
+        np.testing.assert_array_equal(layer.wq[...], np.asarray(scanned.wq[...])[i])
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for side in (True, False) if i % 2 == 0 else (False, True):
+            code = _LAYERS_RSS_CODE.format(
+                repo=str(REPO), size=size_json, ours=side, path=str(path), peak=PEAK_KIB
+            )
+            peaks[side].append(int(run_python(code).split()[-1]))
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    return [
+        Result(25, "unstack 8 layers into a per-layer model", ours_t, plain_t, target=1.2),
+        Result(
+            25, "peak RSS of that unstack (VmHWM)", ours_kib / 1024, ref_kib / 1024, "MiB", 1.15
+        ),
+    ]
+
+
 ALL = [
     (1, case_inspect_big),
     (2, case_restore),
@@ -781,4 +887,5 @@ ALL = [
     (15, case_stats),
     (16, case_diff),
     (17, case_stats_select),
+    (25, case_unstack),
 ]

@@ -29,7 +29,8 @@ from nnx_ckpt_widgets.errors import (
     UnsafeFormatError,
 )
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
-from nnx_ckpt_widgets.restore import apply_report, load, restore
+from nnx_ckpt_widgets.plan import PlannedKey, Refusal, RestoreOptions, RestorePlan
+from nnx_ckpt_widgets.restore import apply_plan, apply_report, load, restore
 from nnx_ckpt_widgets.stats import ArrayStats, StatsReport, stats
 
 # The modules above import no JAX, Flax or Orbax, so this runs before any of them could fail
@@ -68,7 +69,11 @@ __all__ = [
     "KeyStatus",
     "LeafInfo",
     "LoadReport",
+    "PlannedKey",
+    "Refusal",
     "ResourceExhaustedError",
+    "RestoreOptions",
+    "RestorePlan",
     "ShardingMismatchError",
     "SideBySide",
     "StatsReport",
@@ -79,6 +84,7 @@ __all__ = [
     "UnknownLayoutError",
     "UnsafeFormatError",
     "__version__",
+    "apply_plan",
     "apply_report",
     "compare",
     "compare_states",

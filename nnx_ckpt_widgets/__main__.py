@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, first_line
+from nnx_ckpt_widgets.plan import MISSING_POLICIES, UNEXPECTED_POLICIES
 
 NAN_EXIT = 3  # --fail-on-nan and a NaN or Inf was found
 
@@ -79,6 +80,43 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="MODULE:FACTORY",
                 help="a function of no arguments returning the model, e.g. mypkg.models:make",
             )
+            sub.add_argument(
+                "--lenient",
+                action="store_true",
+                help="plan a lenient restore (strict=False) instead of a strict one",
+            )
+            sub.add_argument(
+                "--missing",
+                choices=MISSING_POLICIES,
+                default="keep",
+                help="with --lenient: keep or zero-fill the model's keys the checkpoint lacks",
+            )
+            sub.add_argument(
+                "--unexpected",
+                choices=UNEXPECTED_POLICIES,
+                default="ignore",
+                help="with --lenient: ignore the checkpoint's extra keys, or refuse them",
+            )
+            sub.add_argument("--cast", action="store_true", help="allow dtype casts")
+            sub.add_argument(
+                "--rename",
+                nargs=2,
+                action="append",
+                metavar=("REGEX", "REPLACEMENT"),
+                help="map checkpoint keys before matching (repeatable), as rename= does",
+            )
+            for option, words in (
+                ("stack", "per-layer checkpoint keys into one stacked model array"),
+                ("unstack", "a stacked checkpoint array into per-layer model arrays"),
+            ):
+                sub.add_argument(
+                    f"--{option}",
+                    nargs=2,
+                    action="append",
+                    metavar=("REGEX", "AXIS"),
+                    help=f"{words} (repeatable), as {option}= does, e.g. "
+                    "'^decoder/layers/(\\d+/)' 1",
+                )
     return parser
 
 
@@ -117,6 +155,19 @@ def _diff_items(items: list[str] | None) -> str | tuple[str | None, str | None] 
         )
     item_a, item_b = (None if name == "-" else name for name in items)
     return item_a, item_b
+
+
+def _axes(pairs: list[list[str]] | None) -> dict[str, int]:
+    """``--stack REGEX AXIS`` pairs as the ``stack=`` mapping."""
+    out = {}
+    for pattern, axis in pairs or ():
+        try:
+            out[pattern] = int(axis)
+        except ValueError as err:
+            raise InvalidArgumentError(
+                f"The axis after {pattern!r} must be an integer, got {axis!r}."
+            ) from err
+    return out
 
 
 def _json(data: object) -> str:
@@ -168,8 +219,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"The model factory {args.model!r} failed ({type(err).__name__}: "
                     f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
-            report = compare(args.path, target, step=args.step, item=args.item)
-            print(_json(report.as_dict()) if args.json else report)
+            report = compare(
+                args.path,
+                target,
+                step=args.step,
+                item=args.item,
+                rename=dict(args.rename or ()),
+                stack=_axes(args.stack),
+                unstack=_axes(args.unstack),
+            )
+            plan = report.plan(
+                strict=not args.lenient,
+                missing=args.missing,
+                unexpected=args.unexpected,
+                cast=args.cast,
+            )
+            if args.json:
+                print(_json({**report.as_dict(), "plan": plan.as_dict()}))
+            else:
+                print(f"{report}\nPlan ({'lenient' if args.lenient else 'strict'}): {plan}")
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

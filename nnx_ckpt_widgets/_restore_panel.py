@@ -29,13 +29,12 @@ from nnx_ckpt_widgets import _text, render
 from nnx_ckpt_widgets._display import ProgressRow, one_line
 from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
-from nnx_ckpt_widgets.restore import apply_report
+from nnx_ckpt_widgets.plan import MISSING_POLICIES, UNEXPECTED_POLICIES, RestorePlan
+from nnx_ckpt_widgets.restore import apply_plan
 
 State = Literal["ready", "warn", "running", "done", "failed"]
 _TICK = 0.25  # seconds between updates of the elapsed time and progress while a restore runs
 PROGRESS_AFTER = 1.0  # seconds: a restore that takes longer shows a progress bar
-_MISSING = ("keep", "zeros")
-_UNEXPECTED = ("ignore", "error")
 _STRICT = "error"  # what the disabled lenient options show in strict mode
 
 
@@ -66,12 +65,19 @@ class RestorePanel(w.VBox):
         *,
         rename: Mapping[str, str] | None = None,
         transform: Mapping[str, Transform] | None = None,
+        stack: Mapping[str, int] | None = None,
+        unstack: Mapping[str, int] | None = None,
     ):
         self.model = model
         self.targets = flatten_target(model)
         self.info = info
-        self.rename, self.transform = rename, transform
-        self.report: LoadReport = build_report(info, self.targets, rename, transform)
+        self._keys: dict[str, Any] = {
+            "rename": rename,
+            "transform": transform,
+            "stack": stack,
+            "unstack": unstack,
+        }
+        self.report: LoadReport = build_report(info, self.targets, **self._keys)
         self.error: BaseException | None = None
         self.result: LoadReport | None = None
         self.elapsed: float | None = None  # seconds the last restore took
@@ -130,7 +136,7 @@ class RestorePanel(w.VBox):
     def set_info(self, info: CheckpointInfo) -> None:
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
-        self.report = build_report(info, self.targets, self.rename, self.transform)
+        self.report = build_report(info, self.targets, **self._keys)
         self._show_plan()
 
     def options(self) -> dict[str, Any]:
@@ -159,7 +165,8 @@ class RestorePanel(w.VBox):
                 self.missing.value = self.unexpected.value = _STRICT
                 self.cast.value = False
             else:
-                self.missing.options, self.unexpected.options = _MISSING, _UNEXPECTED
+                self.missing.options = MISSING_POLICIES
+                self.unexpected.options = UNEXPECTED_POLICIES
                 self.missing.value = self._lenient["missing"]
                 self.unexpected.value = self._lenient["unexpected"]
                 self.cast.value = self._lenient["cast"]
@@ -179,30 +186,19 @@ class RestorePanel(w.VBox):
         self.report_html.value = render.report_html(self.report)
         self._set_status(*self._plan())
 
+    def plan(self) -> RestorePlan:
+        """What the Restore button will do with the current options: the plan that
+        :func:`~nnx_ckpt_widgets.restore.apply_plan` carries out, so the status and the
+        restore can never disagree."""
+        return self.report.plan(**self.options())
+
     def _plan(self) -> tuple[State, str]:
-        report, opts = self.report, self.options()
-        if opts["strict"] and not report.ok:
-            return "warn", f"A strict restore will fail: {_text.clip(report.summary(), 200)}"
-        why = None
-        if report.shape_mismatched:
-            why = "shapes differ: change the model or rename keys"
-        elif report.dtype_mismatched and not opts["cast"]:
-            why = "dtypes differ: tick 'cast dtypes'"
-        elif report.unexpected and opts["unexpected"] == "error":
-            why = "the checkpoint has unexpected keys: choose 'unexpected: ignore'"
-        if why is not None:
-            return "warn", f"This restore will fail: {why}"
-        size = _text.human_bytes(report.read_bytes)
-        parts = [f"Ready to restore {_text.plural(len(report.to_read), 'array')} ({size})"]
-        casts = len(report.dtype_mismatched)
-        if casts:
-            parts.append(f"cast {casts}")
-        if report.missing:
-            verb = "zero-fill" if opts["missing"] == "zeros" else "keep"
-            parts.append(f"{verb} {len(report.missing)}")
-        if report.unexpected:
-            parts.append(f"ignore {len(report.unexpected)}")
-        return "ready", _join(parts)
+        plan = self.plan()
+        if plan.refusal is not None:
+            lead = "A strict restore will fail" if plan.options.strict else "This restore will fail"
+            why = _text.clip(plan.refusal.reason, 200)
+            return "warn", f"{lead}: {why}. {plan.refusal.controls}"
+        return "ready", plan.summary().rstrip(".")
 
     def _clicked(self, _button: Any = None) -> None:
         with self._lock:
@@ -213,15 +209,16 @@ class RestorePanel(w.VBox):
             self.error = self.result = None
             self._thread = threading.Thread(
                 target=self._run,
-                args=(self.report, self.options()),
+                args=(self.plan(),),
                 name="nnx-ckpt-restore",
                 daemon=True,
             )
             self._thread.start()
 
-    def _run(self, report: LoadReport, options: dict[str, Any]) -> None:
-        nbytes = report.read_bytes
-        what = f"{_text.plural(len(report.to_read), 'array')} ({_text.human_bytes(nbytes)})"
+    def _run(self, plan: RestorePlan) -> None:
+        report = plan.report
+        nbytes = plan.read_bytes
+        what = f"{_text.plural(plan.read_arrays, 'array')} ({_text.human_bytes(nbytes)})"
         self._row.update(0, nbytes)
         start = time.perf_counter()
         done = threading.Event()
@@ -237,14 +234,21 @@ class RestorePanel(w.VBox):
         ticker = threading.Thread(target=tick, name="nnx-ckpt-restore-tick", daemon=True)
         ticker.start()
         try:
-            result = apply_report(report, self.model, progress=self._row.update, **options)
+            result = apply_plan(plan, self.model, progress=self._row.update)
         except Exception as err:  # every failure becomes the status line; the model is intact
             done.set()
             ticker.join()
             self.elapsed = time.perf_counter() - start
             self.error = err
             self.report_html.value = render.report_html(report)
-            self._set_status("failed", f"Restore failed: {one_line(err)}")
+            refusal = plan.refusal
+            why = (
+                f"Checkpoint at {report.path} does not fit the target: {refusal.reason}. "
+                f"{refusal.controls}"
+                if refusal is not None
+                else one_line(err)
+            )
+            self._set_status("failed", f"Restore failed: {why}")
         else:
             done.set()
             ticker.join()
@@ -282,8 +286,3 @@ class RestorePanel(w.VBox):
         if thread is not None:
             thread.join(timeout)
         return self.result
-
-
-def _join(parts: list[str]) -> str:
-    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

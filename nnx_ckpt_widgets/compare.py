@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._layers import LayerSource, apply_layers
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
-from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError, first_line
+from nnx_ckpt_widgets.errors import (
+    InvalidArgumentError,
+    TransformError,
+    first_line,
+)
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
+
+if TYPE_CHECKING:
+    from nnx_ckpt_widgets._layers import Suggestion
+    from nnx_ckpt_widgets.plan import RestorePlan
 
 __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
 
@@ -84,6 +94,7 @@ class KeyStatus:
     transforms: tuple[Callable[[Any], Any], ...] = dataclasses.field(
         default=(), repr=False, compare=False
     )
+    layers: LayerSource | None = None
 
     @property
     def detail(self) -> str:
@@ -99,6 +110,8 @@ class KeyStatus:
             text = f"{shape_text(ckpt.shape)} {ckpt.dtype}"
         if self.stored is not None:
             text += f", transformed from {shape_text(self.stored.shape)} {self.stored.dtype}"
+        if self.layers is not None:
+            text += f" ← {self.layers.text}"
         return text
 
     @property
@@ -107,10 +120,23 @@ class KeyStatus:
         return self.stored if self.stored is not None else self.checkpoint
 
     @property
-    def nbytes(self) -> int:
-        """Bytes a restore reads for this key (0 unless the checkpoint holds it)."""
+    def read_leaves(self) -> tuple[LeafInfo, ...]:
+        """The stored arrays a restore reads for this key: one, or the layers it stacks (an
+        unstacked key shares its stacked array with the other layers)."""
+        if self.layers is not None:
+            return self.layers.parts
         leaf = self.read_leaf
-        return leaf.nbytes if leaf is not None else 0
+        return (leaf,) if leaf is not None else ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a restore reads for this key (0 unless the checkpoint holds it); an
+        unstacked key counts its share of the stacked array."""
+        layers = self.layers
+        if layers is not None and layers.kind == "unstack":
+            stacked = layers.parts[0]
+            return stacked.nbytes // max(stacked.shape[layers.axis], 1)
+        return sum(leaf.nbytes for leaf in self.read_leaves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +155,14 @@ class LoadReport:
     restored_arrays: int | None = None
     restored_bytes: int | None = None
     info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Why the layers given to stack= or unstack= cannot be combined (gaps, duplicates, counts).
+    layer_problems: tuple[str, ...] = ()
+    # The key options the report was built with: rename, transform, stack, unstack.
+    key_options: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # The target's keys whose values are abstract (nnx.eval_shape): nothing to keep there.
+    abstract_keys: frozenset[str] = dataclasses.field(
+        default=frozenset(), repr=False, compare=False
+    )
 
     def _paths(self, status: Status) -> list[str]:
         return [e.path for e in self.entries if e.status == status]
@@ -165,8 +199,9 @@ class LoadReport:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes a restore reads from the checkpoint."""
-        return sum(e.nbytes for e in self.to_read)
+        """Bytes a restore reads from the checkpoint, each stored array counted once."""
+        stored = {leaf.stored_path: leaf.nbytes for e in self.to_read for leaf in e.read_leaves}
+        return sum(stored.values())
 
     @property
     def action_counts(self) -> dict[Action, int]:
@@ -224,8 +259,55 @@ class LoadReport:
             )
         if self.dtype_mismatched:
             todo.append("allow dtype casts with cast=True")
+        found = self.suggestion
+        if found is not None and not self.layer_problems:
+            return f"It looks like {found.why}: pass {found.code}."
+        if self.layer_problems:
+            todo.insert(0, f"fix stack=/unstack=: {self.layer_problems[0]}")
         hint = self.linen_hint
         return "To load it: " + "; ".join(todo) + "." + (f" {hint}" if hint else "")
+
+    @functools.cached_property
+    def suggestion(self) -> Suggestion | None:
+        """Arguments that make more keys match, when the mismatch has a known shape: a scanned
+        checkpoint and a per-layer model (``unstack=``) or the reverse (``stack=``), a prefix
+        such as MaxText's ``params/params/``, ``layers_0`` against ``layers/0``. Each is tried
+        on the metadata before it is offered; ``kwargs`` are the full key options to pass
+        (``restore(path, model, **report.suggestion.kwargs)``) and ``code`` is the part to
+        add, as Python."""
+        info = self.info
+        if info is None or not self.missing or not self.unexpected:
+            return None
+        from nnx_ckpt_widgets._layers import Suggestion, suggest
+
+        missing, unexpected, targets = {}, {}, []
+        for e in self.entries:
+            if e.status == "unexpected":
+                assert e.checkpoint is not None
+                unexpected[_keypaths.split(e.path)] = (e.checkpoint.shape, e.checkpoint.dtype)
+                continue
+            shape, dtype = e.target_shape or (), e.target_dtype or ""
+            path = _keypaths.split(e.path)
+            targets.append(TargetLeaf(path, (), None, shape, dtype))
+            if e.status == "missing":
+                missing[path] = (shape, dtype)
+        base = self.key_options
+
+        def merged(extra: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
+            out = dict(base)
+            for name, mapping in extra.items():
+                out[name] = {**(base.get(name) or {}), **mapping}
+            return out
+
+        def rebuild(extra: dict[str, dict[str, object]]) -> int:
+            report = build_report(info, targets, **merged(extra))
+            return 0 if report.layer_problems else len(report.matched)
+
+        found = suggest(missing, unexpected, rebuild)
+        if found is None:
+            return None
+        full = {k: v for k, v in merged(found.kwargs).items() if v}
+        return Suggestion(full, found.why, code_of=tuple(found.kwargs))
 
     @property
     def linen_hint(self) -> str | None:
@@ -289,10 +371,34 @@ class LoadReport:
             ],
         }
 
+    def plan(
+        self,
+        *,
+        strict: bool = True,
+        missing: str = "keep",
+        unexpected: str = "ignore",
+        cast: bool = False,
+    ) -> RestorePlan:
+        """What a restore with these options would do: one action per key, or the refusal.
+
+        Args:
+          strict, missing, unexpected, cast: as for :func:`~nnx_ckpt_widgets.restore`.
+
+        Returns:
+          The :class:`~nnx_ckpt_widgets.plan.RestorePlan`; ``str()`` of it is one line.
+
+        Raises:
+          InvalidArgumentError: ``missing`` or ``unexpected`` is not a known policy.
+        """
+        from nnx_ckpt_widgets.plan import RestoreOptions, make_plan
+
+        options = RestoreOptions(strict, missing, unexpected, cast)  # type: ignore[arg-type]
+        return make_plan(self, options)
+
     def summary(self) -> str:
         """One sentence listing the differences."""
         parts = [
-            f"{len(paths)} {label} ({_preview(paths)})"
+            f"{len(paths)} {label} ({preview_keys(paths)})"
             for label, paths in (
                 ("missing", self.missing),
                 ("unexpected", self.unexpected),
@@ -314,7 +420,8 @@ class LoadReport:
         return render.report_html(self)
 
 
-def _preview(paths: list[str], limit: int = 3) -> str:
+def preview_keys(paths: list[str], limit: int = 3) -> str:
+    """Up to ``limit`` keys, with layer indices folded and hostile names clipped."""
     folded = [pattern for pattern, _ in _keypaths.fold(_keypaths.split(p) for p in paths)]
     shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
@@ -467,7 +574,7 @@ def run_transforms(
     and dtypes only), else on the real array.
 
     Raises:
-      InvalidArgumentError: a function raised; the message names the key and the error.
+      TransformError: a function raised; the message names the key and the error.
     """
     import jax
 
@@ -475,7 +582,7 @@ def run_transforms(
         for fn in fns:
             value = jax.eval_shape(fn, value) if abstract else fn(value)
     except Exception as err:  # the user's function: any error, on one line
-        raise InvalidArgumentError(
+        raise TransformError(
             f"transform of {name!r}{where} failed ({clip(first_line(err, width=None), 120)}); "
             "fix the function or narrow its pattern."
         ) from err
@@ -487,10 +594,14 @@ def build_report(
     target_leaves: list[TargetLeaf],
     rename: Mapping[str, str] | None = None,
     transform: Mapping[str, Transform] | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
-    """Classify every key of the checkpoint and the target (after ``rename``, then
-    ``transform``)."""
-    ckpt = apply_rename(info.leaves, rename)
+    """Classify every key of the checkpoint and the target (after ``rename``, then ``stack``
+    and ``unstack``, then ``transform``)."""
+    renamed = apply_rename(info.leaves, rename)
+    target_paths = {t.path for t in target_leaves}
+    ckpt, layers, problems = apply_layers(renamed, target_paths, stack, unstack)
     transformed = apply_transform(ckpt, transform)
     entries = []
     for t in target_leaves:
@@ -517,9 +628,9 @@ def build_report(
                 transformed=bool(fns),
                 stored=stored if fns else None,
                 transforms=fns,
+                layers=layers.get(t.path),
             )
         )
-    target_paths = {t.path for t in target_leaves}
     for path, (stored, source) in ckpt.items():
         if path not in target_paths:
             leaf, fns = transformed.get(path, (stored, ()))
@@ -541,6 +652,9 @@ def build_report(
         step=info.step,
         item=info.item,
         info=info,
+        layer_problems=tuple(problems),
+        key_options={"rename": rename, "transform": transform, "stack": stack, "unstack": unstack},
+        abstract_keys=frozenset(_keypaths.join(t.path) for t in target_leaves if t.abstract),
     )
 
 
@@ -552,6 +666,8 @@ def compare(
     item: str | None = None,
     rename: Mapping[str, str] | None = None,
     transform: Mapping[str, Transform] | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Compare a checkpoint's keys, shapes and dtypes with a target's, from metadata only.
 
@@ -567,6 +683,14 @@ def compare(
         array needs changing on load: ``{r"proj/kernel$": lambda w: w.T}`` turns a PyTorch
         ``[out, in]`` weight into an NNX ``[in, out]`` kernel. Every matching pattern
         applies, in order. Shapes and dtypes come from ``jax.eval_shape``: no byte is read.
+      stack: regex -> axis, for a per-layer checkpoint (``layers/0/...``) into a scanned
+        target: the regex is in the per-layer spelling with one capture group holding the
+        layer index and its separator, removed from the name (Orbax ``model_surgery.stack``'s
+        convention): ``{r"layers/(\\d+/)": 0}``. Applied after ``rename``, before
+        ``transform``.
+      unstack: regex -> axis, the reverse: a scanned checkpoint's stacked array into a
+        per-layer target, each layer sliced at ``axis`` (``{r"^decoder/layers/(\\d+/)": 1}``
+        for MaxText's layer axis 1).
 
     Returns:
       A :class:`LoadReport`; ``report.ok`` is True when a strict restore will succeed.
@@ -575,12 +699,4 @@ def compare(
       CheckpointError: the checkpoint cannot be read, or ``target`` is not NNX state.
     """
     info = inspect(path, step=step, item=item)
-    return build_report(info, flatten_target(target), rename, transform)
-
-
-def mismatch_error(report: LoadReport, why: str) -> CheckpointMismatchError:
-    """The error for a restore that the report forbids."""
-    return CheckpointMismatchError(
-        f"Checkpoint at {report.path} does not fit the target: {report.summary()}; {why}",
-        report,
-    )
+    return build_report(info, flatten_target(target), rename, transform, stack, unstack)

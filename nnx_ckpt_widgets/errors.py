@@ -7,10 +7,7 @@ what is wrong and the way out; the underlying Orbax or TensorStore error is chai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nnx_ckpt_widgets.compare import LoadReport
+from typing import Any
 
 __all__ = [
     "CheckpointError",
@@ -117,8 +114,10 @@ class ShardingMismatchError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint does not fit the target; ``.report`` holds the full load report."""
+    """The checkpoint does not fit the target; ``.report`` holds the full load report (a
+    :class:`~nnx_ckpt_widgets.compare.LoadReport`; typed loosely so this module, the bottom of
+    the package, imports nothing of ours)."""
 
-    def __init__(self, message: str, report: LoadReport | None = None):
+    def __init__(self, message: str, report: Any = None):
         super().__init__(message)
         self.report = report

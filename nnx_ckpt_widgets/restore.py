@@ -1,43 +1,56 @@
 """``restore`` and ``load``: put a checkpoint into a live model, all or nothing.
 
-The reading is the layout's (for every Orbax layout, one ``PyTreeCheckpointHandler`` partial
-restore per batch over exactly the arrays that will be used, so a lenient restore reads only
-those bytes). What this module adds is the bookkeeping around it: a report first, every new
-value computed before the target is touched (a failed restore leaves it bit-for-bit as it
-was), typed PRNG keys, casts that are always reported, progress, and errors that say what to do.
+The decision is the plan's (:mod:`nnx_ckpt_widgets.plan`): one action per key, or a refusal,
+made before anything is read. The reading is the layout's (for every Orbax layout, one
+``PyTreeCheckpointHandler`` partial restore per batch over exactly the arrays that will be
+used, so a lenient restore reads only those bytes). What this module adds is the transaction
+around it: every new value is read, transformed and cast before the target is touched; the
+commit then sets them all with Ctrl-C deferred, and puts every old value back if any set fails;
+restores into one target are serialised. Casts are always reported, in the returned report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+import signal
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets.compare import (
-    READ_STATUSES,
     KeyStatus,
     LoadReport,
     TargetLeaf,
     Transform,
     build_report,
     flatten_target,
-    mismatch_error,
     run_transforms,
 )
-from nnx_ckpt_widgets.errors import CorruptCheckpointError, InvalidArgumentError
+from nnx_ckpt_widgets.errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    TargetError,
+    TransformError,
+    first_line,
+)
 from nnx_ckpt_widgets.layouts import ReadRequest
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
+from nnx_ckpt_widgets.plan import (
+    MissingPolicy,
+    RestoreOptions,
+    RestorePlan,
+    UnexpectedPolicy,
+    make_plan,
+)
 
-__all__ = ["apply_report", "load", "read_batches", "restore"]
+__all__ = ["apply_plan", "apply_report", "load", "read_batches", "restore"]
 
 T = TypeVar("T")
-MissingPolicy = Literal["keep", "zeros"]
-UnexpectedPolicy = Literal["ignore", "error"]
 Progress = Callable[[int, int], None]
-_MISSING = ("keep", "zeros")
-_UNEXPECTED = ("ignore", "error")
 # Arrays are read in batches of about this many bytes, so progress can be reported and a
 # batch's temporary buffers stay bounded; one Orbax call per batch costs a few milliseconds.
 BATCH_BYTES = 64 * 2**20
@@ -56,15 +69,17 @@ def restore(
     transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Restore a checkpoint into ``target`` in place; on any error, ``target`` is unchanged.
 
     Args:
-      path: a checkpoint folder (``nnx.State`` or pure dict), a ``CheckpointManager`` root, or
-        a step folder; local or ``gs://``.
+      path: a checkpoint folder (``nnx.State`` or pure dict), a root of steps, a step folder,
+        or safetensors (a file, or a folder of shards with their index); local or ``gs://``.
       target: a model, any NNX graph node such as ``nnx.Optimizer``, or an ``nnx.State``;
         concrete, or abstract from ``nnx.eval_shape`` (its Variables then receive arrays).
-      step: under a manager root, the step to restore; the latest by default.
+      step: under a root of steps, the step to restore; the latest intact one by default.
       item: the item to restore when the step holds several.
       strict: when True, any difference between checkpoint and target raises.
       missing: with ``strict=False``, what to do with target keys the checkpoint lacks:
@@ -81,25 +96,25 @@ def restore(
         in the report.
       progress: called as ``progress(done_bytes, total_bytes)`` before the first read and
         after each batch of arrays, from the thread that restores.
+      stack: regex -> axis: per-layer checkpoint keys into one stacked target array (a
+        scanned model); see :func:`compare`.
+      unstack: regex -> axis: a stacked checkpoint array into per-layer target arrays, e.g.
+        ``{r"^decoder/layers/(\\d+/)": 1}``; each stacked array is read once and sliced.
 
     Returns:
       The :class:`LoadReport`, with each key's ``action`` and the totals restored.
 
     Raises:
-      CheckpointMismatchError: the checkpoint does not fit and the options do not allow it.
+      CheckpointMismatchError: the checkpoint does not fit and the options do not allow it,
+        or nothing in it matches the target.
+      TransformError: a ``transform`` function raised.
+      TargetError: the target refused a value; every value was put back.
       CheckpointError: another subclass when the checkpoint cannot be found or read.
     """
+    options = RestoreOptions(strict, missing, unexpected, cast)
     info = inspect(path, step=step, item=item)
-    report = build_report(info, flatten_target(target), rename, transform)
-    return apply_report(
-        report,
-        target,
-        strict=strict,
-        missing=missing,
-        unexpected=unexpected,
-        cast=cast,
-        progress=progress,
-    )
+    report = build_report(info, flatten_target(target), rename, transform, stack, unstack)
+    return _execute(make_plan(report, options), target, progress, None)
 
 
 def load(
@@ -115,6 +130,9 @@ def load(
     transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
+    return_report: bool = False,
 ) -> Any:
     """Build the model that ``factory`` makes, with its arrays taken from a checkpoint.
 
@@ -126,17 +144,20 @@ def load(
       path: as for :func:`restore`.
       factory: a function of no arguments that returns the model, e.g.
         ``lambda: MLP(4, rngs=nnx.Rngs(0))``.
-      step, item, strict, missing, unexpected, rename, transform, cast, progress: as for
-        :func:`restore`.
+      step, item, strict, missing, unexpected, rename, transform, cast, progress, stack,
+        unstack: as for :func:`restore`.
+      return_report: also return the :class:`LoadReport` of the restore (every cast, kept
+        and ignored key), as Hugging Face's ``output_loading_info=True`` does.
 
     Returns:
-      The model, with every array concrete.
+      The model, with every array concrete; ``(model, report)`` with ``return_report=True``.
 
     Raises:
       CheckpointError: as for :func:`restore`.
     """
     from flax import nnx
 
+    options = RestoreOptions(strict, missing, unexpected, cast, initialise=True)
     model = nnx.eval_shape(factory)
 
     def initial_values(leaves: list[TargetLeaf]) -> list[Any]:
@@ -144,16 +165,16 @@ def load(
 
         wanted = [leaf.raw_path for leaf in leaves]
 
-        def init():
+        def init() -> list[Any]:
             flat = dict(nnx.to_flat_state(nnx.state(factory())))
             return [flat[p].get_value() for p in wanted]
 
         return jax.jit(init)()  # XLA drops the initialisers of every other array.
 
     info = inspect(path, step=step, item=item)
-    report = build_report(info, flatten_target(model), rename, transform)
-    _apply(report, model, strict, missing, unexpected, cast, progress, initial_values)
-    return model
+    report = build_report(info, flatten_target(model), rename, transform, stack, unstack)
+    report = _execute(make_plan(report, options), model, progress, initial_values)
+    return (model, report) if return_report else model
 
 
 def apply_report(
@@ -169,7 +190,7 @@ def apply_report(
     """Restore into ``target`` from a report already built against it by :func:`compare`.
 
     The checkpoint is not looked up or inspected again: the report's ``info`` says where the
-    arrays are. This is what the browser's Restore button calls.
+    arrays are.
 
     Args:
       report: a :class:`LoadReport` of ``target`` (``compare(path, target, ...)``).
@@ -182,78 +203,190 @@ def apply_report(
       InvalidArgumentError: the report was not built against ``target``'s keys.
       CheckpointError: as for :func:`restore`.
     """
-    return _apply(report, target, strict, missing, unexpected, cast, progress, None)
+    plan = make_plan(report, RestoreOptions(strict, missing, unexpected, cast))
+    return _execute(plan, target, progress, None)
 
 
-def _apply(
-    report: LoadReport,
+def apply_plan(plan: RestorePlan, target: Any, *, progress: Progress | None = None) -> LoadReport:
+    """Carry out a plan (``compare(path, target).plan(...)``) on the target it was made for.
+
+    This is what the browser's Restore button calls: the status it showed is this plan.
+
+    Args:
+      plan: a :class:`~nnx_ckpt_widgets.plan.RestorePlan` of ``target``.
+      target: the model the plan's report was built against.
+      progress: as for :func:`restore`.
+
+    Returns:
+      The report of the restore, with each key's ``action``.
+
+    Raises:
+      InvalidArgumentError: the plan was made for another target (other keys, shapes or
+        dtypes).
+      CheckpointMismatchError: the plan is a refusal.
+      CheckpointError: as for :func:`restore`.
+    """
+    return _execute(plan, target, progress, None)
+
+
+def _execute(
+    plan: RestorePlan,
     target: Any,
-    strict: bool,
-    missing: MissingPolicy,
-    unexpected: UnexpectedPolicy,
-    cast: bool,
     progress: Progress | None,
     fill_missing: Callable[[list[TargetLeaf]], list[Any]] | None,
 ) -> LoadReport:
-    if missing not in _MISSING:
-        raise InvalidArgumentError(f"missing must be one of {_MISSING}, got {missing!r}.")
-    if unexpected not in _UNEXPECTED:
-        raise InvalidArgumentError(f"unexpected must be one of {_UNEXPECTED}, got {unexpected!r}.")
+    report = plan.report
     info = report.info
     if info is None:
         raise InvalidArgumentError(
             "This LoadReport carries no checkpoint to read from; build it with "
             "compare(path, target) or pass the path to restore()."
         )
-    leaves = flatten_target(target)
-    by_name = {_keypaths.join(leaf.path): leaf for leaf in leaves}
-    wanted = {e.path for e in report.entries if e.status != "unexpected"}
-    if wanted != set(by_name):
-        raise InvalidArgumentError(
-            f"The load report of {report.path} was built against another target (its keys "
-            "differ from this target's); build it again with compare(path, target)."
+    with _target_lock(target):
+        leaves = flatten_target(target)
+        by_name = {_keypaths.join(leaf.path): leaf for leaf in leaves}
+        planned = {
+            e.path: (e.target_shape, e.target_dtype)
+            for e in report.entries
+            if e.status != "unexpected"
+        }
+        if planned != {name: (t.shape, t.dtype) for name, t in by_name.items()}:
+            raise InvalidArgumentError(
+                f"The restore plan of {report.path} was made for another target (its keys, "
+                "shapes or dtypes differ from this target's); build it again with "
+                "compare(path, target)."
+            )
+        if plan.refusal is not None:
+            raise plan.error()
+
+        to_read = plan.to_read
+        plain = [e for e in to_read if e.layers is None]
+        layered = [e for e in to_read if e.layers is not None]
+        total = plan.read_bytes
+        plain_bytes = sum(e.nbytes for e in plain)
+
+        def plain_progress(done: int, _total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        arrays = read_arrays(
+            info,
+            [(_leaf_of(e), by_name[e.path]) for e in plain],
+            progress=plain_progress,
+            transforms=[e.transforms for e in plain],
         )
-    _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing)
+        updates = [(by_name[e.path], v) for e, v in zip(plain, arrays, strict=True)]
+        if layered:
 
-    to_read = report.to_read
-    arrays = read_arrays(
-        info,
-        [(_leaf_of(e), by_name[e.path]) for e in to_read],
-        progress=progress,
-        transforms=[e.transforms for e in to_read],
-    )
-    updates: list[tuple[TargetLeaf, Any]] = []
-    actions: dict[str, Any] = {}
-    for entry, value in zip(to_read, arrays, strict=True):
-        updates.append((by_name[entry.path], value))
-        actions[entry.path] = "cast" if entry.status == "dtype mismatch" else "restored"
-    absent = [by_name[e.path] for e in report.entries if e.status == "missing"]
-    if absent:
-        if missing == "zeros":
-            values = [_zeros(leaf) for leaf in absent]
-        elif fill_missing is not None:
-            values = list(fill_missing(absent))
-        else:
-            values = [None] * len(absent)
-        for leaf, value in zip(absent, values, strict=True):
-            actions[_keypaths.join(leaf.path)] = "zeros" if missing == "zeros" else "kept"
-            if value is not None:
-                updates.append((leaf, value))
-    for entry in report.entries:
-        if entry.status == "unexpected":
-            actions[entry.path] = "ignored"
+            def layer_progress(done: int) -> None:
+                if progress is not None:
+                    progress(plain_bytes + done, total)
 
-    # Everything is read and computed: only now is the target touched. Setting a Variable's
-    # value cannot fail half-way for values whose shapes were checked above.
-    _set_values(target, [(leaf, _as_scalar(leaf, value)) for leaf, value in updates])
+            values = _read_layered(info, layered, by_name, layer_progress)
+            updates.extend((by_name[e.path], v) for e, v in zip(layered, values, strict=True))
+        actions = {key.key: key.action for key in plan.keys}
+        absent = [by_name[e.path] for e in report.entries if e.status == "missing"]
+        if absent:
+            if plan.options.missing == "zeros":
+                updates.extend((leaf, _zeros(leaf)) for leaf in absent)
+            elif fill_missing is not None:
+                updates.extend(zip(absent, fill_missing(absent), strict=True))
+        # Everything is read and computed: only now is the target touched, all at once.
+        _commit(report.path, target, [(leaf, _as_scalar(leaf, v)) for leaf, v in updates])
 
     entries = tuple(dataclasses.replace(e, action=actions.get(e.path)) for e in report.entries)
     return dataclasses.replace(
         report,
         entries=entries,
         restored_arrays=len(to_read),
-        restored_bytes=report.read_bytes,
+        restored_bytes=plan.read_bytes,
     )
+
+
+# One lock per target (a model, or another graph node): two restores into the same target,
+# from a cell and from the browser's button say, run one after the other, so the target ends
+# up with all of one checkpoint or all of the other. Targets that cannot be weakly referenced
+# share one lock.
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+_SHARED_LOCK = threading.RLock()
+
+
+def _target_lock(target: Any) -> threading.RLock:
+    with _LOCKS_GUARD:
+        try:
+            lock = _LOCKS.get(target)
+            if lock is None:
+                lock = _LOCKS[target] = threading.RLock()
+        except TypeError:  # not hashable, or not weakly referenceable
+            return _SHARED_LOCK
+        return lock
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, then deliver it.
+
+    Only the main thread receives signals, so elsewhere there is nothing to defer. A Ctrl-C
+    that arrives inside the block is handed to the handler that was there before (Python's
+    raises KeyboardInterrupt, Jupyter's interrupts the cell) once the block is done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def _commit(where: str, target: Any, updates: list[tuple[TargetLeaf, Any]]) -> None:
+    """Set every value, or none: a failure puts every old value back."""
+    old = [(leaf, _current(leaf)) for leaf, _ in updates]
+    with _sigint_deferred():
+        try:
+            _set_values(target, updates)
+        except BaseException as err:
+            _put_back(target, old)
+            if not isinstance(err, Exception):
+                raise
+            raise TargetError(
+                f"Restoring {where} into the target failed while setting its values "
+                f"({type(err).__name__}: {first_line(err, 160)}); every value was put back, "
+                "so the target is as it was: check that it is the model the checkpoint was "
+                "compared with."
+            ) from err
+
+
+def _current(leaf: TargetLeaf) -> Any:
+    from flax import nnx
+
+    if isinstance(leaf.variable, nnx.Variable):
+        return leaf.variable.get_raw_value()
+    return leaf.variable  # a plain array in its container: flatten_target holds the value
+
+
+def _put_back(target: Any, old: list[tuple[TargetLeaf, Any]]) -> None:
+    """Undo a partial :func:`_set_values`: raw values, so no hook runs twice."""
+    from flax import nnx
+
+    plain = {leaf.raw_path: v for leaf, v in old if not isinstance(leaf.variable, nnx.Variable)}
+    if plain:
+        nnx.update(target, nnx.from_flat_state(plain))
+    for leaf, value in old:
+        if isinstance(leaf.variable, nnx.Variable):
+            leaf.variable.set_raw_value(value)
 
 
 def _leaf_of(entry: KeyStatus) -> LeafInfo:
@@ -286,38 +419,6 @@ def _as_scalar(leaf: TargetLeaf, value: Any) -> Any:
     import numpy as np
 
     return leaf.scalar_type(np.asarray(value).item())
-
-
-def _check_allowed(report, strict, missing, unexpected, cast, leaves, fill_missing) -> None:
-    if strict:
-        allowed = READ_STATUSES if cast else ("matched",)
-        if any(e.status not in allowed for e in report.entries):
-            raise mismatch_error(
-                report,
-                "pass strict=False to keep or zero missing keys and skip unexpected ones, "
-                "rename=... for renamed layers, or cast=True for dtypes.",
-            )
-        return
-    if report.shape_mismatched:
-        raise mismatch_error(
-            report,
-            "shapes cannot be restored into another shape; change the model, or map the keys "
-            "with rename={...}.",
-        )
-    if report.dtype_mismatched and not cast:
-        raise mismatch_error(report, "pass cast=True to cast them, and every cast is reported.")
-    if report.unexpected and unexpected == "error":
-        raise mismatch_error(report, "pass unexpected='ignore' to skip them.")
-    if missing == "keep" and fill_missing is None:
-        abstract_names = {_keypaths.join(t.path) for t in leaves if t.abstract}
-        abstract = [e.path for e in report.entries if e.status == "missing"]
-        abstract = [p for p in abstract if p in abstract_names]
-        if abstract:
-            raise mismatch_error(
-                report,
-                "the target is abstract, so it has no values to keep for the missing keys; pass "
-                "missing='zeros', or use load(path, factory) to initialise them.",
-            )
 
 
 def _zeros(leaf: TargetLeaf) -> Any:
@@ -398,6 +499,13 @@ def read_arrays(
         # Orbax hands typed PRNG keys back as keys already; check their data like any array.
         is_key = jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
         data = jax.random.key_data(value) if is_key else value
+        if (tuple(data.shape) != target.shape or str(data.dtype) != target.dtype) and chain:
+            raise TransformError(
+                f"transform of {_keypaths.join(target.path)!r} from {info.path} returned "
+                f"{data.dtype}{tuple(data.shape)} on the real array, not the "
+                f"{target.dtype}{target.shape} it gave on its shape; make the function depend "
+                "only on the array's shape and dtype."
+            )
         if tuple(data.shape) != target.shape or str(data.dtype) != target.dtype:
             raise CorruptCheckpointError(
                 f"Checkpoint at {info.item_dir} returned {leaf.name} as {data.dtype}"
@@ -424,6 +532,99 @@ def _transformed(
     if isinstance(target.sharding, jax.sharding.Sharding) and target.key_impl is None:
         value = jax.device_put(value, target.sharding)
     return value
+
+
+def _read_layered(
+    info: CheckpointInfo,
+    entries: Sequence[KeyStatus],
+    targets: Mapping[str, TargetLeaf],
+    progress: Callable[[int], None],
+    batch_bytes: int = BATCH_BYTES,
+) -> list[Any]:
+    """The values of stacked and unstacked keys, in ``entries``' order.
+
+    Each stored array is read once, as stored, into host memory: a stacked array is sliced
+    for all its layers as soon as it arrives (``unstack``), and the layers of one target are
+    stacked as soon as they arrive (``stack``). Reads go in batches of about ``batch_bytes``
+    of stored arrays, so host memory holds one batch besides the values already made.
+    """
+    import numpy as np
+
+    location = info.location
+    if location is None:
+        raise InvalidArgumentError(
+            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
+        )
+    # Group the entries by the stored arrays they need: all layers of one stacked array
+    # (unstack) are one group, so that array is read once.
+    groups: dict[tuple, list[int]] = {}
+    for i, entry in enumerate(entries):
+        assert entry.layers is not None
+        key = tuple(leaf.stored_path for leaf in entry.layers.parts)
+        groups.setdefault(key, []).append(i)
+
+    def group_bytes(item: tuple[tuple, list[int]]) -> int:
+        layers = entries[item[1][0]].layers
+        assert layers is not None
+        return sum(leaf.nbytes for leaf in layers.parts)
+
+    values: list[Any] = [None] * len(entries)
+    done = 0
+    progress(0)
+    for batch in read_batches(list(groups.items()), batch_bytes, group_bytes):
+        leaves: dict[tuple, LeafInfo] = {}
+        for _, members in batch:
+            layers = entries[members[0]].layers
+            assert layers is not None
+            leaves.update((leaf.stored_path, leaf) for leaf in layers.parts)
+        requests = [
+            ReadRequest(stored_path=leaf.stored_path, shape=leaf.shape, dtype=leaf.dtype, host=True)
+            for leaf in leaves.values()
+        ]
+        read = dict(zip(leaves, location.layout.read(location, requests), strict=True))
+        for _, members in batch:
+            for i in members:
+                entry, layers = entries[i], entries[i].layers
+                assert layers is not None
+                parts = [np.asarray(read[leaf.stored_path]) for leaf in layers.parts]
+                if layers.kind == "unstack":
+                    value = np.take(parts[0], layers.index or 0, axis=layers.axis)
+                else:
+                    value = np.stack(parts, axis=layers.axis)
+                values[i] = _placed(info, entry, targets[entry.path], value)
+        del read
+        done += sum(leaf.nbytes for leaf in leaves.values())
+        progress(done)
+    return values
+
+
+def _placed(info: CheckpointInfo, entry: KeyStatus, target: TargetLeaf, value: Any) -> Any:
+    """A host array made of layers, through the key's transforms, in the target's dtype and
+    on its sharding."""
+    import jax
+    import jax.numpy as jnp
+
+    if entry.transforms:
+        value = run_transforms(
+            entry.path,
+            entry.transforms,
+            jnp.asarray(value),
+            abstract=False,
+            where=f" from {info.path}",
+        )
+    if tuple(value.shape) != target.shape:
+        raise TransformError(
+            f"transform of {entry.path!r} from {info.path} returned {value.dtype}"
+            f"{tuple(value.shape)} on the real array, not the {target.dtype}{target.shape} it "
+            "gave on its shape; make the function depend only on the array's shape and dtype."
+        )
+    if str(value.dtype) != target.dtype:
+        value = value.astype(target.dtype)  # allowed: the plan said "cast"
+    if target.key_impl is not None:
+        return jax.random.wrap_key_data(jnp.asarray(value), impl=target.key_impl)
+    if isinstance(target.sharding, jax.sharding.Sharding):
+        return jax.device_put(value, target.sharding)
+    return jnp.asarray(value)
 
 
 def read_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -78,9 +79,22 @@ def test_compare_prints_the_library_report(mlp_state_ckpt, models_dir, on_path):
     )
     assert result.returncode == 0, result.stderr
     expected = ncw.compare(mlp_state_ckpt, nnx.eval_shape(cli_models.wider))
-    assert result.stdout == str(expected) + "\n"
+    assert result.stdout == f"{expected}\nPlan (strict): {expected.plan()}\n"
     assert "shape mismatch" in result.stdout
-    assert result.stdout.splitlines()[-1].startswith("To load it:")
+    assert result.stdout.splitlines()[-2].startswith("To load it:")
+    assert result.stdout.splitlines()[-1].startswith("Plan (strict): Refused: ")
+
+
+def test_compare_prints_the_plan_of_its_options(capsys, mlp_state_ckpt, on_path):
+    """The CLI shows the same plan restore carries out, for the options it is given."""
+    import cli_models
+
+    argv = ["compare", str(mlp_state_ckpt), "--model", "cli_models:same", "--lenient"]
+    assert main([*argv, "--missing", "zeros", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = ncw.compare(mlp_state_ckpt, nnx.eval_shape(cli_models.same))
+    assert data["plan"] == expected.plan(strict=False, missing="zeros").as_dict()
+    assert data["plan"]["ok"] and data["plan"]["read_arrays"] == 4
 
 
 def test_error_is_one_line_without_traceback(tmp_path):

@@ -200,11 +200,11 @@ def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch):
     model = MLP(rngs=nnx.Rngs(0))
     panel = RestorePanel(ncw.inspect(mlp_ckpt), model)
     assert panel.progress.layout.display == "none"
-    real = panel_module.apply_report
+    real = panel_module.apply_plan
     gate = threading.Event()
     seen: list[tuple[str | None, str, bool, str]] = []
 
-    def slow(report, target, *, progress, **options):
+    def slow(plan, target, *, progress):
         progress(0, 104)
         progress(64, 104)
         deadline = time.monotonic() + 30
@@ -219,9 +219,9 @@ def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch):
             )
         )
         gate.wait(30)
-        return real(report, target, progress=progress, **options)
+        return real(plan, target, progress=progress)
 
-    monkeypatch.setattr(panel_module, "apply_report", slow)
+    monkeypatch.setattr(panel_module, "apply_plan", slow)
     start = time.monotonic()
     panel.button.click()
     while not seen and time.monotonic() - start < 30:
