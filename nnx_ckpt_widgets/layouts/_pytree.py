@@ -203,13 +203,14 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
         futures = [store.read(f"{name}/{header}") for name in names]
         results = [f.result(timeout=wait) for f in futures]
     except (ValueError, RuntimeError, OSError, TimeoutError) as err:
-        transport = _storage.storage_error(item_dir, err)
-        if transport is not None:
-            raise transport from err
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
-            f"read ({first_line(err)}); restore it from a copy or save it again."
-        ) from err
+        # Out of memory or a storage that does not answer is not damage: say which case.
+        failure = read_error(item_dir, err, metadata=True, unchanged="nothing was changed")
+        if isinstance(failure, CorruptCheckpointError):
+            failure = CorruptCheckpointError(
+                f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
+                f"read ({first_line(err)}); restore it from a copy or save it again."
+            )
+        raise failure from err
     missing = [n for n, r in zip(names, results, strict=True) if r.state != "value"]
     if missing:
         raise CorruptCheckpointError(
