@@ -509,3 +509,21 @@ def test_what_the_classifier_calls_each_real_error(saved, tmp_path):
     # Ours pass through unchanged.
     ours = ncw.CorruptCheckpointError("x")
     assert read_error(path, ours) is ours
+
+
+def test_a_file_gone_since_inspect_is_damage(tmp_path):
+    """A safetensors file deleted between ``compare`` and the read: the checkpoint's own
+    files are inconsistent, which is damage (the OSError is no longer called damage blindly)."""
+    model = Net(nnx.Rngs(0))
+    path = save_safetensors(tmp_path / "model.safetensors", model)
+    target = Net(nnx.Rngs(1))
+    before = host(target)
+    report = ncw.compare(path, target)
+    path.unlink()
+    with pytest.raises(ncw.CorruptCheckpointError) as raised:
+        ncw.apply_report(report, target)
+    assert str(raised.value).startswith(f"Safetensors checkpoint at {path} is damaged: ")
+    assert "download or save it again" in str(raised.value)
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+    for key, value in host(target).items():
+        np.testing.assert_array_equal(value, before[key], strict=True)

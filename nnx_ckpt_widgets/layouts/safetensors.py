@@ -416,11 +416,8 @@ def _read_direct(location: Location, tensor: Tensor) -> Any:
             data = _storage.read_range(tensor.file, tensor.offset, tensor.nbytes)
         except CheckpointError:
             raise
-        except OSError as err:
-            raise CorruptCheckpointError(
-                f"Safetensors checkpoint at {location.path} could not be read ({err}); the "
-                "target was left unchanged, check that the bucket is reachable and try again."
-            ) from err
+        except OSError as err:  # a missing object is damage; anything else is not
+            raise _read_error(location, err) from err
         _check_length(location, tensor, len(data))
         return np.frombuffer(data, _numpy_dtype(tensor.dtype)).reshape(tensor.shape).copy()
 
@@ -432,12 +429,8 @@ def _read_direct(location: Location, tensor: Tensor) -> Any:
     array = raw.view(_numpy_dtype(tensor.dtype)).reshape(tensor.shape)
     try:
         got = _storage.read_into(tensor.file, tensor.offset, raw.data)
-    except OSError as err:
-        raise CorruptCheckpointError(
-            f"Safetensors checkpoint at {location.path} could not be read "
-            f"({err.strerror or err}); the target was left unchanged, check that "
-            f"{tensor.file} is readable."
-        ) from err
+    except OSError as err:  # a file gone since it was inspected is damage; EACCES is not
+        raise _read_error(location, err) from err
     _check_length(location, tensor, got)
     return array
 
