@@ -236,8 +236,10 @@ def target_sharding(path: Any, name: str, shape: tuple[int, ...], sharding: Any)
     """
     import jax
 
-    if not isinstance(sharding, jax.sharding.Sharding):
-        return sharding
+    if not isinstance(sharding, jax.sharding.Sharding) or isinstance(
+        sharding, jax.sharding.SingleDeviceSharding
+    ):
+        return sharding  # one device holds any shape
     mesh = getattr(sharding, "mesh", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         mesh, jax.sharding.AbstractMesh
@@ -255,6 +257,8 @@ def target_sharding(path: Any, name: str, shape: tuple[int, ...], sharding: Any)
         )
     try:
         sharding.shard_shape(tuple(shape))
+    except NotImplementedError:  # a sharding JAX cannot check ahead: Orbax will say
+        return sharding
     except ValueError as err:  # jax's IndivisibleError
         raise ShardingMismatchError(
             f"Checkpoint at {path}: the target's {name} cannot be laid out as its sharding "
@@ -265,7 +269,8 @@ def target_sharding(path: Any, name: str, shape: tuple[int, ...], sharding: Any)
 
 
 def _uneven(sharding: Any, shape: tuple[int, ...], err: BaseException) -> str:
-    """``mesh(d=8) P('d', None) splits axis 0 of 12 into 8 parts``, or JAX's own words."""
+    """``mesh(d=8) P('d', None) splits axis 0 of shape (12, 8) into 8 parts, which do not
+    divide 12``, or JAX's own words."""
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     if mesh is None or spec is None:
         return f"does not fit shape {tuple(shape)} ({first_line(err, 160)})"
