@@ -203,22 +203,23 @@ def concurrently(path: AnyPath, fn: Callable[[R], T], items: Iterable[R]) -> lis
 
 
 def read_json(file: AnyPath, what: str) -> Any:
-    """Parse a small JSON file of a checkpoint.
+    """Parse a small JSON file of a checkpoint, as hostile input (see
+    :func:`nnx_ckpt_widgets._untrusted.parse_json`: depth bounded, no ``RecursionError``).
 
     Raises:
-      CorruptCheckpointError: it cannot be read or is not JSON.
+      CorruptCheckpointError: it cannot be read, is not JSON, or nests too deep.
     """
-    import json
-
+    from nnx_ckpt_widgets._untrusted import parse_json
     from nnx_ckpt_widgets.errors import CorruptCheckpointError
 
     try:
-        return json.loads(read_bytes(file))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raw = read_bytes(file)
+    except OSError as err:
         raise CorruptCheckpointError(
-            f"Checkpoint at {file.parent} is damaged: {file.name} ({what}) is not valid JSON; "
-            "restore it from a copy or save it again."
+            f"Checkpoint at {file.parent} is damaged: {file.name} ({what}) cannot be read "
+            f"({err.strerror or err}); restore it from a copy or save it again."
         ) from err
+    return parse_json(raw, file, what)
 
 
 def size(path: AnyPath) -> int:

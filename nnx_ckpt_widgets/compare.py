@@ -249,8 +249,15 @@ class LoadReport:
         if self.ok:
             return f"All {len(self.entries)} keys match: restore(path, model) will load them."
         todo = []
-        if self.shape_mismatched:
-            todo.append("shapes differ: change the model or map keys with rename={...}")
+        shaped = [e for e in self.entries if e.status == "shape mismatch"]
+        if any(e.transformed for e in shaped):
+            todo.append("shapes still differ after transform=: fix its function or the model")
+        elif shaped:
+            # The names already match, so rename= cannot help: the arrays need reshaping.
+            todo.append(
+                "shapes differ under matching names: change the model, or reshape the arrays "
+                "on load with transform={pattern: function}"
+            )
         if self.missing:
             todo.append("keep the model's values for missing keys with strict=False")
         if self.unexpected:

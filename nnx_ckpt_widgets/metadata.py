@@ -12,6 +12,7 @@ from typing import Any, Literal
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._storage import AnyPath
+from nnx_ckpt_widgets._untrusted import no_gc
 from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.layouts import Location, StepInfo, StoredLeaf, locate
 
@@ -216,7 +217,8 @@ def inspect(
         ``CheckpointNotFoundError`` or ``CorruptCheckpointError``.
     """
     location = locate(path, step=step, item=item)
-    return info_from_location(location)
+    with no_gc():  # a million LeafInfo objects and no cycles: see _untrusted.no_gc
+        return info_from_location(location)
 
 
 def info_from_location(location: Location) -> CheckpointInfo:

@@ -142,7 +142,16 @@ def info_text(info: CheckpointInfo) -> str:
 
 def info_summary(info: CheckpointInfo) -> str:
     """``Orbax v1 checkpoint, nnx.State: 4 arrays, 26 params, 104 B``."""
-    sizes = sizes_text(len(info.leaves), info.num_params, info.nbytes)
+    # RNG state is no parameter: an nnx.Rngs stream saves a typed key (Orbax records its
+    # key_impl) beside a uint32 `count`; count both apart.
+    keys = {leaf.path[:-1] for leaf in info.leaves.values() if leaf.key_impl is not None}
+    rng = [
+        leaf
+        for leaf in info.leaves.values()
+        if leaf.key_impl is not None or (leaf.path[:-1] in keys and leaf.path[-1] == "count")
+    ]
+    params = info.num_params - sum(leaf.size for leaf in rng)
+    sizes = sizes_text(len(info.leaves), params, info.nbytes, rng=len(rng))
     kind = f"{info.layout}, " if info.layout else ""
     return f"{kind}{info.format}: {sizes}"
 

@@ -18,12 +18,11 @@ back to Orbax's own API.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-from nnx_ckpt_widgets import _storage
+from nnx_ckpt_widgets import _storage, _untrusted
 from nnx_ckpt_widgets._failures import read_error, target_sharding
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets.errors import (
@@ -99,10 +98,10 @@ def read_fast(item_dir: AnyPath) -> list[StoredLeaf]:
     leaves = []
     parsed: dict[bytes, tuple[tuple[int, ...], str]] = {}  # most headers repeat byte for byte
     for keys, header in zip(entries, headers, strict=True):
-        if header not in parsed:
-            parsed[header] = _parse_header(header, zarr3)
-        shape, dtype = parsed[header]
         name = ".".join(keys)
+        if header not in parsed:
+            parsed[header] = _parse_header(item_dir, name, header, zarr3)
+        shape, dtype = parsed[header]
         leaves.append(StoredLeaf(keys, shape, dtype, shardings.get(name), keys_impl.get(name)))
     return leaves
 
@@ -144,22 +143,25 @@ def _read_shardings(item_dir: AnyPath) -> dict[str, str]:
         return {}
     except OSError:
         text = b""  # unreadable: reported as damage just below
-    try:
-        raw = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
-        raw = None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} is not a JSON object; "
-            "restore it from a copy or save it again."
+
+    def damaged(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} {why}; restore it from a "
+            "copy or save it again."
         )
+
+    raw = _untrusted.parse_json(text, file, "shardings", damaged)
+    if not isinstance(raw, dict):
+        raise damaged("is not a JSON object")
     out = {}
     for encoded, spec in raw.items():
         try:
             name = base64.b64decode(encoded).decode()
-            out[name] = describe_sharding(json.loads(spec))
-        except (ValueError, TypeError):
-            continue
+            # Each value is JSON again, inside a string: read as hostile as the file.
+            spec_json = spec.encode() if isinstance(spec, str) else b""
+            out[name] = describe_sharding(_untrusted.parse_json(spec_json, file, "a sharding"))
+        except (ValueError, TypeError, CorruptCheckpointError):
+            continue  # an unreadable spec only leaves that array's sharding unknown
     return out
 
 
@@ -220,29 +222,47 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     return [bytes(r.value) for r in results]
 
 
-def _parse_header(raw: bytes, zarr3: bool) -> tuple[tuple[int, ...], str]:
+def _parse_header(
+    item_dir: AnyPath, name: str, raw: bytes, zarr3: bool
+) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype from one array's zarr header, checked (see :mod:`_untrusted`).
+
+    Raises:
+      CorruptCheckpointError: the header is too deep, or names an impossible shape or dtype.
+      Unrecognised: a header this reader does not know (Orbax's reader gets a try).
+    """
+    file = f"{name}/{'zarr.json' if zarr3 else '.zarray'}"
+    where = item_dir / file
+    header = _untrusted.parse_json(
+        raw, where, "zarr header", lambda why: _bad_header(item_dir, file, why)
+    )
     try:
-        header = json.loads(raw)
-        shape = tuple(int(n) for n in header["shape"])
+        shape = header["shape"]
         dtype = header["data_type"] if zarr3 else header["dtype"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise Unrecognised(f"zarr header {raw[:80]!r}") from err
-    if not isinstance(dtype, str):
-        raise Unrecognised(f"structured dtype {dtype!r}")
-    return shape, dtype_name(dtype)
+    if isinstance(dtype, (dict, list)) and not zarr3:
+        raise Unrecognised(f"structured dtype {dtype!r}"[:120])
+    try:
+        return _untrusted.shape(shape), _untrusted.dtype_name(dtype)
+    except _untrusted.Invalid as err:
+        raise _bad_header(item_dir, file, str(err)) from err
+
+
+def _bad_header(item_dir: AnyPath, file: str, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Checkpoint at {item_dir} is damaged: the array header {file} {why}; restore it from "
+        "a copy or save it again."
+    )
 
 
 def dtype_name(spec: Any) -> str:
-    """Canonical dtype name (``float32``, ``bfloat16``) of a zarr or numpy dtype spelling."""
-    import numpy as np
+    """Canonical dtype name (``float32``, ``bfloat16``) of a zarr or numpy dtype spelling.
 
-    try:
-        return np.dtype(spec).name
-    except TypeError:
-        import ml_dtypes
-
-        name = str(spec).lstrip("<>|=")
-        return np.dtype(getattr(ml_dtypes, name)).name
+    Raises:
+      ValueError: not a dtype an array can have (see :func:`_untrusted.dtype_name`).
+    """
+    return _untrusted.dtype_name(spec)
 
 
 def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
@@ -263,8 +283,15 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = entry_keys(path)
-        shape = tuple(getattr(leaf, "shape", ()) or ())
-        dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
+        try:  # Orbax read the same untrusted headers: the same checks as the fast reader
+            shape = _untrusted.shape([int(n) for n in getattr(leaf, "shape", ()) or ()])
+            dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
+        except (_untrusted.Invalid, TypeError, ValueError, OverflowError) as err:
+            raise CorruptCheckpointError(
+                f"Checkpoint at {item_dir} is damaged: the array {'.'.join(keys)!r} "
+                f"{err if isinstance(err, _untrusted.Invalid) else 'has an impossible shape'}; "
+                "restore it from a copy or save it again."
+            ) from err
         sharding = _orbax_sharding(getattr(leaf, "sharding", None))
         leaves.append(StoredLeaf(keys, shape, dtype, sharding, key_impls.get(".".join(keys))))
     return leaves
