@@ -86,8 +86,10 @@ def as_path(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
 
 
 def absolute(path: AnyPath) -> AnyPath:
-    """``path`` made absolute, as Orbax requires; a URL already is."""
-    return path.absolute() if isinstance(path, Path) else path
+    """``path`` as Orbax and TensorStore need it: absolute, with ``..`` and symlinks resolved
+    (TensorStore rejects a file path holding ``..``); a URL is returned as is. Only what is
+    handed to them is normalised: every message shows the path as the user gave it."""
+    return path.resolve() if isinstance(path, Path) else path
 
 
 def is_bucket(path: AnyPath) -> bool:
@@ -123,7 +125,11 @@ def listdir(path: AnyPath) -> Listing | None:
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                (dirs if entry.is_dir() else files).add(entry.name)
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symlink loop: no folder; the layout that meets it says so
+                    is_dir = False
+                (dirs if is_dir else files).add(entry.name)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:

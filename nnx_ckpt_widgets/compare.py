@@ -154,6 +154,7 @@ class LoadReport:
     item: str | None = None
     restored_arrays: int | None = None
     restored_bytes: int | None = None
+    notes: tuple[str, ...] = ()
     info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
     # Why the layers given to stack= or unstack= cannot be combined (gaps, duplicates, counts).
     layer_problems: tuple[str, ...] = ()
@@ -363,6 +364,7 @@ class LoadReport:
             "ok": self.ok,
             "counts": self.counts,
             "advice": self.advice,
+            "notes": list(self.notes),
             "entries": [
                 {
                     "key": e.path,
@@ -605,9 +607,10 @@ def build_report(
     unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Classify every key of the checkpoint and the target (after ``rename``, then ``stack``
-    and ``unstack``, then ``transform``)."""
-    renamed = apply_rename(info.leaves, rename)
+    and ``unstack``, then ``transform``); checkpoint keys holding "/" match the nested target
+    keys they spell."""
     target_paths = {t.path for t in target_leaves}
+    renamed, notes = _match_slash_keys(apply_rename(info.leaves, rename), target_paths)
     ckpt, layers, problems = apply_layers(renamed, target_paths, stack, unstack)
     transformed = apply_transform(ckpt, transform)
     entries = []
@@ -658,10 +661,42 @@ def build_report(
         entries=tuple(entries),
         step=info.step,
         item=info.item,
+        notes=notes,
         info=info,
         layer_problems=tuple(problems),
         key_options={"rename": rename, "transform": transform, "stack": stack, "unstack": unstack},
         abstract_keys=frozenset(_keypaths.join(t.path) for t in target_leaves if t.abstract),
+    )
+
+
+def _match_slash_keys(
+    ckpt: dict[KeyPath, tuple[LeafInfo, str | None]], target_paths: set[KeyPath]
+) -> tuple[dict[KeyPath, tuple[LeafInfo, str | None]], tuple[str, ...]]:
+    """Match checkpoint keys holding "/" (Gemma's flat ``{'transformer/layer_0/attn/q_einsum':
+    {'w': ...}}``) to the nested target keys they spell, where the target has those and not
+    the key itself; and the report's note saying so."""
+    moved: list[KeyPath] = []
+    out: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
+    for path, (leaf, source) in ckpt.items():
+        nested = _keypaths.spelled(path) if _keypaths.has_slash(path) else path
+        if (
+            nested != path
+            and path not in target_paths
+            and nested in target_paths
+            and nested not in ckpt
+            and nested not in out
+        ):
+            out[nested] = (leaf, source or _keypaths.show(path))
+            moved.append(path)
+            continue
+        out[path] = (leaf, source)
+    if not moved:
+        return out, ()
+    example = moved[0]
+    return out, (
+        f"keys holding '/' ({len(moved)} array{'s' if len(moved) > 1 else ''}, e.g. "
+        f"{clip(_keypaths.show(example), 80)}) were matched to the nested keys they spell "
+        f"({clip(_keypaths.join(example), 80)}); pass rename=... to map them otherwise",
     )
 
 

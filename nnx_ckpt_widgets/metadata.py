@@ -86,6 +86,10 @@ class CheckpointInfo:
       custom_metadata: what the saver passed as ``custom_metadata=``; for safetensors, the
         files' ``__metadata__``.
       config: a Hugging Face ``config.json`` found beside safetensors weights.
+      unrestorable: the root's step folders that cannot be restored (damaged, interrupted,
+        empty), each with its ``reason``.
+      notes: what to know about how the checkpoint was read (pickle files beside safetensors
+        that were ignored, keys holding ``/``), one sentence each.
       location: where the arrays live, for :func:`restore` to read them without looking
         the checkpoint up again.
     """
@@ -101,6 +105,8 @@ class CheckpointInfo:
     layout: str = ""
     custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config: Mapping[str, Any] | None = None
+    unrestorable: tuple[StepInfo, ...] = ()
+    notes: tuple[str, ...] = ()
     location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -156,6 +162,10 @@ class CheckpointInfo:
                 {"step": s.step, "items": list(s.items), "metrics": dict(s.metrics)}
                 for s in self.steps
             ],
+            "unrestorable_steps": [
+                {"step": s.step, "path": str(s.path), "reason": s.reason} for s in self.unrestorable
+            ],
+            "notes": list(self.notes),
             "items": list(self.items),
             "custom_metadata": dict(self.custom_metadata),
             "config": dict(self.config) if self.config is not None else None,
@@ -242,6 +252,8 @@ def info_from_location(location: Location) -> CheckpointInfo:
         layout=location.kind,
         custom_metadata=location.custom_metadata,
         config=location.config,
+        unrestorable=location.unrestorable,
+        notes=location.notes,
         location=location,
     )
 

@@ -9,7 +9,9 @@ Storage (a local folder, or a bucket) sits under every layout, in :mod:`nnx_ckpt
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets._text import clip
@@ -18,6 +20,7 @@ from nnx_ckpt_widgets.errors import (
     IncompleteCheckpointError,
     UnknownLayoutError,
 )
+from nnx_ckpt_widgets.layouts import _unsafe
 from nnx_ckpt_widgets.layouts._steps import TMP_MARKER
 from nnx_ckpt_widgets.layouts.base import Layout, Location, ReadRequest, StepInfo, StoredLeaf
 from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
@@ -56,12 +59,18 @@ def locate(
       UnknownLayoutError: files are there, in no layout this package knows.
       IncompleteCheckpointError: the save at ``path`` (or of ``step``) was interrupted.
       CorruptCheckpointError: a known layout, damaged.
+      UnsafeFormatError: a PyTorch pickle or an object ``.npz``, which is never loaded.
       ItemSelectionError: several items and ``item`` does not pick one.
       InvalidArgumentError: ``step`` was given for a single checkpoint.
     """
     root = _storage.as_path(path)
     with _storage.one_look():
-        return _locate(root, step, item)
+        location = _locate(root, step, item)
+    # Shown as given: "~/runs/ckpt" stays so in every header (Orbax and TensorStore get the
+    # resolved path, see _storage.absolute).
+    if isinstance(path, (str, Path)) and str(path).startswith("~") and location.path == root:
+        location = dataclasses.replace(location, path=Path(path))
+    return location
 
 
 def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Location:
@@ -73,6 +82,9 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
         for layout in LAYOUTS:
             if layout.matches(listing):
                 return layout.locate(listing, step, item)
+        unsafe = _unsafe.unsafe_format(root)
+        if unsafe is not None:
+            raise _unsafe.refuse(root, unsafe)
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
             "wrote, or a .safetensors file."
@@ -84,7 +96,17 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
         )
     for layout in LAYOUTS:
         if layout.matches(listing):
-            return layout.locate(listing, step, item)
+            location = layout.locate(listing, step, item)
+            # Pickles beside what was read (pytorch_model.bin next to model.safetensors): say
+            # they were left alone, so nobody wonders which weights were loaded.
+            notes = _unsafe.ignored_notes(listing)
+            if notes:
+                location = dataclasses.replace(location, notes=(*location.notes, *notes))
+            return location
+    pickles = _unsafe.unsafe_files(listing)
+    if pickles:
+        name, fmt = pickles[0]
+        raise _unsafe.refuse(root / name, fmt)
     if not listing.names:
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: the folder is empty; save a checkpoint there first."

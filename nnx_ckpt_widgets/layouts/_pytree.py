@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -362,6 +363,17 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             ocp.ArrayRestoreArgs(sharding=sharding, dtype=request.dtype),
         )
 
+    partial = True
+    sequences = _sequence_tree(item_dir)
+    if sequences is not None:
+        # Lists and tuples (optax states, layer lists) restore only into a target of the same
+        # structure: Orbax's partial restore matches a dict template against a stored list and
+        # refuses it. So the target is the checkpoint's own tree, with Orbax's PLACEHOLDER at
+        # every leaf not asked for.
+        item = _fill(*sequences, item, ocp.PLACEHOLDER)
+        restore_args = _fill(*sequences, restore_args, ocp.PLACEHOLDER)
+        partial = False
+
     def restore() -> Any:
         # The handler, not a Checkpointer: on a bucket a Checkpointer wants commit_success.txt
         # in the folder itself, but a step's or a v1 checkpoint's items are finished by the
@@ -371,7 +383,7 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             return handler.restore(
                 _storage.absolute(item_dir),  # Orbax rejects relative paths; we accept them
                 args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True
+                    item=item, restore_args=restore_args, partial_restore=partial
                 ),
             )
         finally:
@@ -392,11 +404,75 @@ def _nest(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+# Orbax's KeyType.SEQUENCE in _METADATA: the key is an index into a list or tuple.
+_SEQUENCE_KEY = re.compile(rb'"key_type"\s*:\s*1\b')
+
+
+def _sequence_tree(item_dir: AnyPath) -> tuple[dict, set[tuple[str, ...]]] | None:
+    """The stored tree's shape (nested dicts, leaves None) and the paths of its nodes that are
+    lists or tuples, when it holds one anywhere; else None (the plain partial restore serves).
+
+    Unreadable metadata gives None too: the restore then reports the damage itself.
+    """
+    try:
+        raw = _storage.read_bytes(item_dir / PYTREE_METADATA)
+    except OSError:
+        return None
+    if not _SEQUENCE_KEY.search(raw):  # most trees are dicts only: skip the parse
+        return None
+    shape: dict = {}
+    sequences: set[tuple[str, ...]] = set()
+    try:
+        parsed = _untrusted.parse_json(raw, item_dir / PYTREE_METADATA, "tree metadata")
+        for entry in parsed["tree_metadata"].values():
+            node, keys = shape, entry["key_metadata"]
+            path: tuple[str, ...] = ()
+            for n, key in enumerate(keys):
+                name = str(key["key"])
+                if key.get("key_type") == 1:
+                    sequences.add(path)  # the parent of an index key is a list or tuple
+                path += (name,)
+                if n == len(keys) - 1:
+                    node.setdefault(name, None)
+                else:
+                    if not isinstance(node.get(name), dict):
+                        node[name] = {}
+                    node = node[name]
+    except (CheckpointError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        return None
+    return shape, sequences
+
+
+def _fill(
+    shape: dict,
+    sequences: set[tuple[str, ...]],
+    values: dict,
+    placeholder: Any,
+    path: tuple[str, ...] = (),
+) -> Any:
+    """``values`` (nested dicts, by stored key) laid onto the stored tree ``shape``: lists where
+    the checkpoint has sequences, ``placeholder`` at every leaf not in ``values``."""
+    out = {}
+    for name, sub in shape.items():
+        given = values.get(name, placeholder)
+        if isinstance(sub, dict):
+            given = given if isinstance(given, dict) else {}
+            out[name] = _fill(sub, sequences, given, placeholder, (*path, name))
+        else:
+            out[name] = given
+    if path in sequences:
+        try:
+            return [out[k] for k in sorted(out, key=int)]
+        except ValueError:
+            return out  # not indices after all: leave it a dict and let Orbax judge
+    return out
+
+
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
     for part in path:
         try:
-            tree = tree[part]
-        except (KeyError, TypeError) as err:
+            tree = tree[int(part)] if isinstance(tree, (list, tuple)) else tree[part]
+        except (KeyError, TypeError, IndexError, ValueError) as err:
             raise CorruptCheckpointError(
                 f"Orbax returned no value for {'/'.join(path)}; the target was left unchanged, "
                 "restore the checkpoint from a copy or save it again."

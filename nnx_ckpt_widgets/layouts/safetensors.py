@@ -29,6 +29,7 @@ import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from nnx_ckpt_widgets import _storage, _untrusted
@@ -483,4 +484,4 @@ def _file_path(file: str) -> Any:
     from etils import epath
 
     path = epath.Path(file)
-    return path if "://" in file else path.absolute()
+    return path if "://" in file else epath.Path(_storage.absolute(Path(file)))
