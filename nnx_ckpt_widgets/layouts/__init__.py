@@ -23,6 +23,8 @@ from nnx_ckpt_widgets.errors import (
 from nnx_ckpt_widgets.layouts import _unsafe
 from nnx_ckpt_widgets.layouts._steps import TMP_MARKER
 from nnx_ckpt_widgets.layouts.base import Layout, Location, ReadRequest, StepInfo, StoredLeaf
+from nnx_ckpt_widgets.layouts.msgpack import MsgpackLayout
+from nnx_ckpt_widgets.layouts.orbax_legacy import OrbaxLegacyLayout
 from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
 from nnx_ckpt_widgets.layouts.orbax_v0_manager import OrbaxV0ManagerLayout
 from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
@@ -31,16 +33,21 @@ from nnx_ckpt_widgets.layouts.safetensors import SafetensorsLayout
 
 __all__ = ["LAYOUTS", "Layout", "Location", "ReadRequest", "StepInfo", "StoredLeaf", "locate"]
 
-# Order matters only where two could match: a PyTree folder first (it may hold a stray
-# _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of steps, v1 first
-# (it is told apart by its steps' handlers, else it reads as a v0 manager root); a folder of
-# safetensors files last. Only safetensors matches a file.
+# Order matters only where two could match: an Orbax 0.2.x folder (a checkpoint file, no
+# _METADATA) before the PyTree folder it also is to is_pytree; a PyTree folder first (it may
+# hold a stray _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of
+# steps, v1 first (it is told apart by its steps' handlers, else it reads as a v0 manager
+# root); a folder of
+# safetensors files, then msgpack files (a Hub folder may hold both: safetensors wins). Only
+# safetensors and msgpack match a file.
 LAYOUTS: tuple[Layout, ...] = (
+    OrbaxLegacyLayout(),
     OrbaxV0Layout(),
     OrbaxV1Layout(),
     OrbaxV1TrainingLayout(),
     OrbaxV0ManagerLayout(),
     SafetensorsLayout(),
+    MsgpackLayout(),
 )
 
 
@@ -87,7 +94,7 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
             raise _unsafe.refuse(root, unsafe)
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
-            "wrote, or a .safetensors file."
+            "wrote, a .safetensors file or a flax .msgpack file."
         )
     if TMP_MARKER in root.name:
         raise IncompleteCheckpointError(

@@ -25,6 +25,7 @@ from typing import Any
 
 from nnx_ckpt_widgets import _storage, _untrusted
 from nnx_ckpt_widgets._failures import read_error, target_sharding
+from nnx_ckpt_widgets._failures import reason as reason  # orbax_legacy uses _pytree.reason
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
@@ -43,8 +44,28 @@ OCDBT_FILES = ("manifest.ocdbt", _SHARDING_FILE, "d", "array_metadatas")
 
 
 def is_pytree(names: frozenset[str]) -> bool:
-    """Whether a folder holding ``names`` is an Orbax PyTree folder (maybe a damaged one)."""
-    return PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES)
+    """Whether a folder holding ``names`` is an Orbax PyTree folder (maybe a damaged one), or
+    one from before ``_METADATA`` (Orbax 0.2.x: a ``checkpoint`` file, see ``orbax_legacy``)."""
+    if PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES):
+        return True
+    from nnx_ckpt_widgets.layouts import orbax_legacy  # it imports this module
+
+    return orbax_legacy.is_legacy(names)
+
+
+def before_metadata(item_dir: AnyPath) -> bool:
+    """Whether ``item_dir`` is an Orbax 0.2.x PyTree folder, which has no ``_METADATA`` by
+    design (ask only once reading ``_METADATA`` failed: it lists the folder)."""
+    return _legacy(item_dir) is not None
+
+
+def _legacy(item_dir: AnyPath) -> Any:
+    """The ``orbax_legacy`` module when ``item_dir`` is an Orbax 0.2.x folder, else None.
+
+    Asked only after the ``_METADATA`` reader failed, so current checkpoints pay nothing."""
+    from nnx_ckpt_widgets.layouts import orbax_legacy
+
+    return orbax_legacy if orbax_legacy.is_legacy_folder(item_dir) else None
 
 
 class Unrecognised(Exception):
@@ -61,6 +82,12 @@ def read_leaves(item_dir: AnyPath) -> list[StoredLeaf]:
         return read_fast(item_dir)
     except Unrecognised as why:
         _log.debug("Fast metadata reader fell back to Orbax for %s: %s", item_dir, why)
+    except CorruptCheckpointError:
+        # An item of an Orbax 0.2.x manager root has no _METADATA: read its own way.
+        legacy = _legacy(item_dir)
+        if legacy is None:
+            raise
+        return legacy.read_leaves(item_dir)
     return _read_with_orbax(item_dir)
 
 
@@ -395,6 +422,9 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     except CheckpointError:
         raise
     except Exception as err:  # Orbax and TensorStore raise many types: say which case this is
+        legacy = _legacy(item_dir)  # Orbax 0.2.x: no _METADATA, so no partial restore
+        if legacy is not None:
+            return legacy.read_arrays(item_dir, requests)
         raise read_error(item_dir, err) from err
 
 

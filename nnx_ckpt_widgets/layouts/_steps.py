@@ -518,6 +518,10 @@ def _check_tree_metadata(location: Location) -> None:
         metadata = _storage.read_json(location.data / _pytree.PYTREE_METADATA, "tree metadata")
     except RecursionError as err:
         metadata = err
+    except CorruptCheckpointError:
+        if _pytree.before_metadata(location.data):
+            return  # Orbax's layout from before _METADATA (0.2.x): its own reader checks it
+        raise
     if not isinstance(metadata, dict) or not isinstance(metadata.get("tree_metadata"), dict):
         raise CorruptCheckpointError(
             f"Checkpoint at {location.data} is damaged: {_pytree.PYTREE_METADATA} has no "
