@@ -60,6 +60,16 @@ class Net(nnx.Module):
         self.b = nnx.Linear(8, 8, kernel_init=init(1), rngs=rngs)
 
 
+class NetPlus(Net):
+    """The Net and a layer no checkpoint here holds: missing keys to zero-fill."""
+
+    def __init__(self, rngs: nnx.Rngs, axes: tuple | None = None):
+        super().__init__(rngs, axes)
+        init = nnx.initializers.lecun_normal()
+        kernel_init = init if axes is None else nnx.with_partitioning(init, axes[1])
+        self.c = nnx.Linear(8, 8, kernel_init=kernel_init, rngs=rngs)
+
+
 class Big(nnx.Module):
     """One large array of ones (``n`` float32) and a small one."""
 
@@ -257,6 +267,38 @@ def eight_devices(root: Path) -> None:
         found[f"restore uneven {source}"] = outcome(
             lambda path=path, abstract=abstract: ncw.restore(path, abstract)
         )
+
+    # Under the mesh, load's other paths: zero-filled missing keys land on their shardings,
+    # a transform runs on the mesh's devices, and a model the mesh cannot hold is a mismatch.
+    def load_zeros() -> None:
+        with jax.set_mesh(mesh):
+            target = ncw.load(
+                root / "one_v0", lambda: NetPlus(nnx.Rngs(1), AXES), strict=False, missing="zeros"
+            )
+        got = arrays(target)
+        kernel = got.pop("c/kernel")
+        assert len(kernel.sharding.device_set) == 8 and not np.asarray(kernel).any()
+        assert not np.asarray(got.pop("c/bias")).any()
+        for key, value in got.items():
+            np.testing.assert_array_equal(np.asarray(value), one[key], err_msg=key, strict=True)
+            assert value.sharding == reference[key], key
+
+    def load_transform() -> None:
+        with jax.set_mesh(mesh):
+            target = ncw.load(
+                root / "one_v0",
+                lambda: Net(nnx.Rngs(1), AXES),
+                transform={r"b/kernel$": lambda w: w * 2},
+            )
+        doubled = {**one, "b/kernel": one["b/kernel"] * 2}
+        assert_exact(doubled, target, reference)
+
+    found["load zeros under a mesh"] = outcome(load_zeros)
+    found["load transform under a mesh"] = outcome(load_transform)
+    with jax.set_mesh(mesh):
+        found["load unbuildable under a mesh"] = outcome(
+            lambda: ncw.load(root / "odd_v0", lambda: Net(nnx.Rngs(1), AXES, din=12))
+        )
     # An abstract target made under a mesh, restored after leaving it: no devices to place on.
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: Net(nnx.Rngs(1), AXES))
@@ -342,6 +384,21 @@ def test_uneven_sharding_is_a_mismatch_not_damage(saved, how, source):
     assert message.startswith(f"Checkpoint at {root / source}: the target's a")
     assert "splits axis 0 of shape (12, 8) into 8 parts, which do not divide 12" in message
     assert "damaged" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("how", ["load zeros", "load transform"])
+def test_load_paths_under_a_mesh(saved, how):
+    """Zero-fills and transforms under an 8-device mesh: once a raw ValueError and a
+    TransformError about incompatible devices."""
+    _, found = saved
+    assert found[f"{how} under a mesh"] == {"error": None}
+
+
+def test_a_model_the_mesh_cannot_hold_is_a_mismatch(saved):
+    _, found = saved
+    seen = found["load unbuildable under a mesh"]
+    assert seen["error"] == "ShardingMismatchError", seen
+    assert "damaged" not in seen["message"] and "\n" not in seen["message"]
 
 
 def test_abstract_target_outside_its_mesh_is_a_mismatch(saved):
