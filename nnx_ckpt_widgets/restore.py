@@ -495,11 +495,7 @@ def read_arrays(
         return []
     import jax
 
-    location = info.location
-    if location is None:
-        raise InvalidArgumentError(
-            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
-        )
+    location = info.located()
     default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     fns = list(transforms) if transforms is not None else [()] * len(pairs)
     requests = []
@@ -592,11 +588,7 @@ def _read_layered(
     """
     import numpy as np
 
-    location = info.location
-    if location is None:
-        raise InvalidArgumentError(
-            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
-        )
+    location = info.located()
     # Group the entries by the stored arrays they need: all layers of one stacked array
     # (unstack) are one group, so that array is read once.
     groups: dict[tuple, list[int]] = {}
