@@ -9,7 +9,7 @@ them.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nnx_ckpt_widgets import _keypaths
@@ -42,15 +42,35 @@ __all__ = [
     "where",
 ]
 
-# JupyterLab's theme colours (hex where they are not defined, as in nbconvert HTML), mixed with
-# the theme's text colour so that they keep 4.5:1 contrast on the light and the dark theme.
-_MIX = "color-mix(in srgb,{} 62%,var(--jp-content-font-color0,#000))"
+
+def theme_colour(variable: str, fallback: str) -> str:
+    """A CSS colour: the theme's ``variable`` mixed with its text colour, readable on both themes.
+
+    A status colour such as ``--jp-success-color1`` alone is too pale on white (about 4:1), so
+    it is mixed with the theme's text colour: darker on a light theme, lighter on a dark one,
+    and at least 4.5:1 against the background in both (checked in a real browser by
+    ``tests/test_browser.py``). Outside Jupyter (nbconvert HTML) the fallback applies.
+
+    Args:
+      variable: a JupyterLab colour variable, e.g. ``--jp-success-color1``.
+      fallback: the colour to use where the variable is not defined.
+    """
+    return f"color-mix(in srgb,var({variable},{fallback}) 62%,var(--jp-content-font-color0,#000))"
+
+
+# What a status means, as a colour: one table for the reports here and the widgets' statuses.
+COLOURS = {
+    "running": theme_colour("--jp-brand-color1", "#0969da"),
+    "done": theme_colour("--jp-success-color1", "#1a7f37"),
+    "failed": theme_colour("--jp-error-color1", "#cf222e"),
+    "warn": theme_colour("--jp-warn-color1", "#9a6700"),
+}
 STATUS_COLOURS = {
-    "matched": _MIX.format("var(--jp-success-color1,#1a7f37)"),
-    "missing": _MIX.format("var(--jp-warn-color1,#9a6700)"),
-    "unexpected": _MIX.format("#8250df"),
-    "shape mismatch": _MIX.format("var(--jp-error-color1,#cf222e)"),
-    "dtype mismatch": _MIX.format("var(--jp-warn-color0,#bc4c00)"),
+    "matched": COLOURS["done"],
+    "missing": COLOURS["warn"],
+    "unexpected": "color-mix(in srgb,#8250df 62%,var(--jp-content-font-color0,#000))",
+    "shape mismatch": COLOURS["failed"],
+    "dtype mismatch": theme_colour("--jp-warn-color0", "#bc4c00"),
 }
 BOX_STYLE = (
     "font-family:var(--jp-code-font-family,monospace);font-size:12px;max-width:100%;"
@@ -65,32 +85,44 @@ def esc(value: object) -> str:
 
 def values_table_html(
     rows: Sequence[Sequence[str]],
-    flagged: Callable[[Sequence[str]], bool],
+    flagged: Callable[[Sequence[str]], bool | Collection[int]],
     *,
-    cells: tuple[int, ...] | None = None,
     align: str = "right",
+    left: Collection[int] = (0,),
 ) -> str:
     """An escaped table of text rows, the first being the header, as stats and diff draw them.
 
-    A flagged row is drawn in the error colour (readable on the light and the dark theme): the
-    whole row, or only its ``cells`` when they are given.
-    """
-    from nnx_ckpt_widgets._display import COLOURS
+    Args:
+      rows: the header, then one row of cells per entry.
+      flagged: for a row, True to draw it all in the error colour (readable on the light and
+        the dark theme), or the indices of the cells that hold a finding, to draw only those.
+      align: the alignment of the cells not in ``left`` (numbers read best on the right).
+      left: the columns aligned left whatever ``align`` says: names, shapes and dtypes, as
+        in the load report.
 
-    style = f" style='color:{COLOURS['failed']};font-weight:600'"
-    head = "".join(f"<th>{esc(cell)}</th>" for cell in rows[0])
+    The table sits in a pane that scrolls sideways when it is wider than the page; cells never
+    wrap (a number or a shape broken in two misreads), except the key column, which wraps a
+    long name only past a width of its own.
+    """
+    style = f"color:{COLOURS['failed']};font-weight:600"
+
+    def cell(tag: str, i: int, text: str, mark: bool) -> str:
+        css = f"text-align:{'left' if i in left else align}" + (";" + style if mark else "")
+        # The key column may wrap a long name; the others stay whole.
+        css += ";overflow-wrap:anywhere;min-width:14ch" if i == 0 else ";white-space:nowrap"
+        return f"<{tag} style='{css}'>{esc(text)}</{tag}>"
+
+    head = "".join(cell("th", i, text, False) for i, text in enumerate(rows[0]))
     body = []
     for row in rows[1:]:
         mark = flagged(row)
-        row_style = style if mark and cells is None else ""
-        tds = "".join(
-            f"<td{style if mark and cells is not None and i in cells else ''}>{esc(cell)}</td>"
-            for i, cell in enumerate(row)
-        )
-        body.append(f"<tr{row_style}>{tds}</tr>")
+        marked = set(range(len(row))) if mark is True else set() if mark is False else set(mark)
+        body.append("<tr>" + "".join(cell("td", i, t, i in marked) for i, t in enumerate(row)))
     return (
-        f"<table class='nnx-ckpt-values-table' style='border-collapse:collapse;text-align:{align}'>"
-        f"<tr>{head}</tr>{''.join(body)}</table>"
+        "<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='overflow-x:auto;max-width:100%'>"
+        "<table class='nnx-ckpt-values-table' style='border-collapse:collapse;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"<tr>{head}</tr>{'</tr>'.join(body)}{'</tr>' if body else ''}</table></div>"
     )
 
 
