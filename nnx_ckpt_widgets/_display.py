@@ -32,8 +32,9 @@ STYLE = f"""<style>
 .nnx-ckpt .nnx-ckpt-values-table th, .nnx-ckpt .nnx-ckpt-values-table td {{
   padding: 1px 14px 1px 0; vertical-align: top;
 }}
-/* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45 */
-.nnx-ckpt .widget-html-content {{ line-height: 1.45; }}
+/* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45.
+   min-width 0: a wide table inside scrolls in its own pane instead of widening the panel. */
+.nnx-ckpt .widget-html-content {{ line-height: 1.45; min-width: 0; }}
 /* Only key names break anywhere; a status, a shape or an action stays whole. */
 .nnx-ckpt .nnx-ckpt-report td {{ overflow-wrap: normal; word-break: normal; }}
 .nnx-ckpt .nnx-ckpt-report td:nth-child(2) {{ overflow-wrap: anywhere; }}
@@ -121,14 +122,23 @@ def treescope_output(value: Any, text: str | None = None, *, even: bool = False)
 # Treescope draws on its own white pane in either theme; its comments ("# Param: 144 (576 B)")
 # are #aaaaaa there, 2.3:1. This grey is 5:1 on white (and, inverted, 5.8:1 on the dark
 # theme's #111). On a dark theme the stylesheet sets the two variables: the root lets the page's
-# dark background through and is inverted with its hues turned back, so black text reads white
-# and a heatmap keeps its colours' meaning. The rules go inside treescope's shadow root, after
-# treescope's own, so they win.
+# dark background through and is inverted with its hues turned back, so black text reads white;
+# a heatmap's canvas is turned back once more, so its colours are the colour scale's. The rules
+# go inside treescope's shadow root, after treescope's own, so they win.
 _TREESCOPE_CSS = (
     "<style>.color_comment, .color_comment a:not(:hover), .color_comment_when_expanded "
     "{ color: #707070 !important; }"
-    ".treescope_root { background-color: var(--nnx-ckpt-treescope-background, white)"
-    " !important; filter: var(--nnx-ckpt-treescope-filter, none); }</style>"
+    # The heatmap's caption and zoom controls: #aaaaaa and a half-transparent filter, 2.3:1.
+    ".arrayviz_container .info, .arrayviz_container .loading_message"
+    " { color: #707070 !important; }"
+    ".arrayviz_container .info input { filter: none !important; color: #595959 !important;"
+    " accent-color: #595959; }"
+    # A figure (render_array) has no root: its container is the top.
+    ".treescope_root, .arrayviz_container:not(.treescope_root *)"
+    " { background-color: var(--nnx-ckpt-treescope-background, white) !important;"
+    " filter: var(--nnx-ckpt-treescope-filter, none); }"
+    # Inverted twice (the filter commutes with inversion), a heatmap keeps its true colours.
+    " canvas { filter: var(--nnx-ckpt-treescope-filter, none); }</style>"
 )
 
 

@@ -78,6 +78,14 @@ BOX_STYLE = (
 )
 
 
+# Tables: a status, a shape or a number never wraps (broken in two, it misreads); a key name
+# may, past a width of its own, so that a narrow page never breaks it letter by letter. What
+# does not fit scrolls sideways, with its scrollbar right under the table.
+_WHOLE = "white-space:nowrap"
+_KEY = "overflow-wrap:anywhere;min-width:16ch"
+_PANE = "overflow-x:auto;max-width:100%"
+
+
 def esc(value: object) -> str:
     """HTML-escape anything, quotes included, so it can go into text and attributes."""
     return html.escape(str(value), quote=True)
@@ -108,8 +116,7 @@ def values_table_html(
 
     def cell(tag: str, i: int, text: str, mark: bool) -> str:
         css = f"text-align:{'left' if i in left else align}" + (";" + style if mark else "")
-        # The key column may wrap a long name; the others stay whole.
-        css += ";overflow-wrap:anywhere;min-width:14ch" if i == 0 else ";white-space:nowrap"
+        css += ";" + (_KEY if i == 0 else _WHOLE)  # the key column may wrap a long name
         return f"<{tag} style='{css}'>{esc(text)}</{tag}>"
 
     head = "".join(cell("th", i, text, False) for i, text in enumerate(rows[0]))
@@ -119,7 +126,7 @@ def values_table_html(
         marked = set(range(len(row))) if mark is True else set() if mark is False else set(mark)
         body.append("<tr>" + "".join(cell("td", i, t, i in marked) for i, t in enumerate(row)))
     return (
-        "<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='overflow-x:auto;max-width:100%'>"
+        f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
         "<table class='nnx-ckpt-values-table' style='border-collapse:collapse;"
         "overflow-wrap:normal;word-break:normal'>"
         f"<tr>{head}</tr>{'</tr>'.join(body)}{'</tr>' if body else ''}</table></div>"
@@ -286,17 +293,20 @@ def report_html(report: LoadReport) -> str:
         detail = first.detail + (
             f" (from {first.source})" if first.source and len(group) == 1 else ""
         )
-        action = f"<td>{esc(first.action or '')}</td>" if with_action else ""
+        action = f"<td style='{_WHOLE}'>{esc(first.action or '')}</td>" if with_action else ""
         rows.append(
-            f"<tr><td style='color:{colour};font-weight:600'>{esc(first.status)}</td>"
-            f"<td>{esc(pattern)}</td><td>{esc(detail)}</td>{action}</tr>"
+            f"<tr><td style='color:{colour};font-weight:600;{_WHOLE}'>{esc(first.status)}</td>"
+            f"<td style='{_KEY}'>{esc(pattern)}</td><td style='{_WHOLE}'>{esc(detail)}</td>"
+            f"{action}</tr>"
         )
     counts = esc(_counts_line(report))
     return (
         f'<div class="nnx-ckpt-report" style="{BOX_STYLE}">'
         f"<b>Load report for {esc(where(report.path, report.step, report.item))}</b> "
         f"({esc(report.format)})"
-        "<table style='border-collapse:collapse;text-align:left;table-layout:auto'>"
-        f"{head}{''.join(rows)}</table>"
+        f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
+        "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"{head}{''.join(rows)}</table></div>"
         f"<div>{counts}</div><div><b>{esc(report.advice)}</b></div></div>"
     )
