@@ -132,7 +132,10 @@ _TREESCOPE_CSS = (
     ".arrayviz_container .info, .arrayviz_container .loading_message"
     " { color: #707070 !important; }"
     ".arrayviz_container .info input { filter: none !important; color: #595959 !important;"
-    " accent-color: #595959; }"
+    " background-color: white !important; accent-color: #595959; }"
+    # Form controls drawn light, as the rest, whatever the page's color-scheme: on a dark
+    # theme the filter below turns them dark with the rest.
+    ".treescope_root, .arrayviz_container { color-scheme: light; }"
     # A figure (render_array) has no root: its container is the top.
     ".treescope_root, .arrayviz_container:not(.treescope_root *)"
     " { background-color: var(--nnx-ckpt-treescope-background, white) !important;"

@@ -14,6 +14,16 @@ designated panes scroll), every button's label shows whole, and all text has at 
 contrast against its background (WCAG AA, computed from the styles, treescope's shadow roots
 included). Playwright hides scrollbars by default; here they are shown, as a user has them.
 
+The tutorial test opens every notebook of ``notebooks/`` and ``notebooks/zh/`` in turn in one
+JupyterLab (from a copy, since Lab autosaves), runs all its cells, runs them all again in the same
+kernel, restarts the kernel and runs them once more: no cell may fail or write to stderr. After
+the first run it audits the whole notebook at 800, 1280 and 1600 px, with the file browser open
+and closed, in the light and the dark theme: no text cut off without a scrollbar in sight
+(outputs, markdown and treescope's shadow roots), no short word broken inside a table cell, and
+in our widgets the story's audit, the tree apart from its treescope pane, and treescope dark on
+the dark theme. Each check is first shown a planted fault, so that it cannot pass blind.
+``NNX_CKPT_LAYOUT_SHOTS=1`` writes a screenshot of every such layout to ``tests/artifacts/``.
+
 ``NNX_CKPT_CHROMIUM`` names another Chromium binary. A screenshot of each state always goes to
 ``tests/artifacts/``; set ``NNX_CKPT_SCREENSHOT=1`` to also write the ones docs/ keeps
 (``DOCS_SHOTS``), the README's among them.
@@ -868,6 +878,8 @@ def test_browser_story(server, theme, browser_page):
     assert page.locator(".nnx-ckpt-values-panel treescope-container").count() == 0
 
     # The side-by-side view: both columns unfold alike.
+    page.locator(".nnx-ckpt-side-by-side").scroll_into_view_if_needed()
+    _settled(page)
     lines = page.evaluate(TREESCOPE_LINES_JS)
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0] > 10, lines
     _shot(page, server, theme, "restored", ".nnx-ckpt-side-by-side")
@@ -992,6 +1004,18 @@ _RELAY = pytest.mark.xfail(
     strict=True,
     reason="emulator relay keeps its port after close(): second Run All fails (issue 27)",
 )
+
+
+# Layout faults in a notebook's own text, which only the notebook can fix: notebook -> (why,
+# what every problem found must mention). The runs are still checked; the layout is xfailed,
+# and a notebook that lays out well fails here until it is taken off this list.
+CONTENT_TO_FIX = {
+    "08_orbax_v1.ipynb": (
+        "the v0 -> v1 markdown table is wider than the page at 800 and 1280 px; JupyterLab "
+        "scrolls the whole markdown cell, with its scrollbar a screen below the table",
+        "jp-MarkdownOutput, whose scrollbar is",
+    ),
+}
 
 
 def _tutorials() -> list:
@@ -1364,4 +1388,10 @@ def test_tutorial_runs_twice_and_after_a_restart(server, tutorials, browser_page
         ".restartKernel(); }"
     )
     _run_all(page, name, "after a restart")
+    known = CONTENT_TO_FIX.get(name)
+    if known is not None:
+        # Checked after the runs, so that the runs stay checked meanwhile.
+        assert problems, f"{name} lays out well now: drop it from CONTENT_TO_FIX"
+        assert all(known[1] in p for p in problems), "\n".join(problems)
+        pytest.xfail(known[0])
     assert not problems, "\n".join(problems)
