@@ -5,36 +5,18 @@ Treescope is the renderer behind ``nnx.display``. Its HTML carries scripts, whic
 output (the front-ends render those as trusted outputs), with treescope's text rendering as the
 ``text/plain`` fallback.
 
-Colours are JupyterLab's ``--jp-*`` theme variables, so they follow the light and dark themes.
-A status colour such as ``--jp-success-color1`` alone is too pale on white (about 4:1), so it is
-mixed with the theme's text colour: darker on a light theme, lighter on a dark one, and at least
-4.5:1 against the background in both (checked in a real browser by ``tests/test_browser.py``).
-Outside Jupyter the fallbacks in each ``var()`` apply.
+Colours are JupyterLab's ``--jp-*`` theme variables, so they follow the light and dark themes;
+the status colours are :data:`nnx_ckpt_widgets.render.COLOURS`, shared with the reports.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nnx_ckpt_widgets.render import COLOURS
+
 MONO = "font-family:var(--jp-code-font-family,monospace);font-size:12px"
 
-
-def theme_colour(variable: str, fallback: str) -> str:
-    """A CSS colour: the theme's ``variable`` mixed with its text colour, readable on both themes.
-
-    Args:
-      variable: a JupyterLab colour variable, e.g. ``--jp-success-color1``.
-      fallback: the colour to use where the variable is not defined (nbconvert HTML).
-    """
-    return f"color-mix(in srgb,var({variable},{fallback}) 62%,var(--jp-content-font-color0,#000))"
-
-
-COLOURS = {
-    "running": theme_colour("--jp-brand-color1", "#0969da"),
-    "done": theme_colour("--jp-success-color1", "#1a7f37"),
-    "failed": theme_colour("--jp-error-color1", "#cf222e"),
-    "warn": theme_colour("--jp-warn-color1", "#9a6700"),
-}
 
 # One stylesheet for every widget of ours, scoped by class; a <style> is not a script, and the
 # HTML widget that holds it shows nothing. Scrollbars are styled so that they show on systems
@@ -50,8 +32,9 @@ STYLE = f"""<style>
 .nnx-ckpt .nnx-ckpt-values-table th, .nnx-ckpt .nnx-ckpt-values-table td {{
   padding: 1px 14px 1px 0; vertical-align: top;
 }}
-/* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45 */
-.nnx-ckpt .widget-html-content {{ line-height: 1.45; }}
+/* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45.
+   min-width 0: a wide table inside scrolls in its own pane instead of widening the panel. */
+.nnx-ckpt .widget-html-content {{ line-height: 1.45; min-width: 0; }}
 /* Only key names break anywhere; a status, a shape or an action stays whole. */
 .nnx-ckpt .nnx-ckpt-report td {{ overflow-wrap: normal; word-break: normal; }}
 .nnx-ckpt .nnx-ckpt-report td:nth-child(2) {{ overflow-wrap: anywhere; }}
@@ -73,7 +56,8 @@ STYLE = f"""<style>
 .nnx-ckpt button.nnx-ckpt-name {{
   flex-shrink: 1; min-width: 3em; text-align: left; color: var(--jp-ui-font-color1, #1f2328);
 }}
-.nnx-ckpt .nnx-ckpt-tree {{ container-type: inline-size; }}
+/* The tree and the treescope pane never touch: "4 B" and "Click a name" must not read as one. */
+.nnx-ckpt .nnx-ckpt-tree {{ container-type: inline-size; column-gap: 16px; row-gap: 8px; }}
 .nnx-ckpt .nnx-ckpt-tree-pane {{ flex: 0 1 auto; min-width: 220px; max-width: 55%; }}
 /* Too narrow for two panes side by side: the tree above, treescope below, both full width. */
 @container (max-width: 640px) {{
@@ -85,6 +69,13 @@ STYLE = f"""<style>
 }}
 .nnx-ckpt .nnx-ckpt-scroll .widget-html {{ height: auto; }}
 .nnx-ckpt .nnx-ckpt-detail {{ flex: 1 1 300px; min-width: 0; }}
+/* Treescope 0.1.10 draws black on white whatever the theme (no colour variables): on a dark
+   theme its pane and heatmaps are inverted, hues kept, by the rule that _TREESCOPE_CSS puts in
+   its shadow root; custom properties cross the shadow boundary, so this switch reaches it. */
+body[data-jp-theme-light="false"] .nnx-ckpt {{
+  --nnx-ckpt-treescope-filter: invert(1) hue-rotate(180deg);
+  --nnx-ckpt-treescope-background: transparent;
+}}
 </style>"""
 
 
@@ -129,11 +120,28 @@ def treescope_output(value: Any, text: str | None = None, *, even: bool = False)
 
 
 # Treescope draws on its own white pane in either theme; its comments ("# Param: 144 (576 B)")
-# are #aaaaaa there, 2.3:1. This grey is 5:1 on white. The rule goes inside treescope's shadow
-# root, after treescope's own, so it wins.
+# are #aaaaaa there, 2.3:1. This grey is 5:1 on white (and, inverted, 5.8:1 on the dark
+# theme's #111). On a dark theme the stylesheet sets the two variables: the root lets the page's
+# dark background through and is inverted with its hues turned back, so black text reads white;
+# a heatmap's canvas is turned back once more, so its colours are the colour scale's. The rules
+# go inside treescope's shadow root, after treescope's own, so they win.
 _TREESCOPE_CSS = (
     "<style>.color_comment, .color_comment a:not(:hover), .color_comment_when_expanded "
-    "{ color: #707070 !important; }</style>"
+    "{ color: #707070 !important; }"
+    # The heatmap's caption and zoom controls: #aaaaaa and a half-transparent filter, 2.3:1.
+    ".arrayviz_container .info, .arrayviz_container .loading_message"
+    " { color: #707070 !important; }"
+    ".arrayviz_container .info input { filter: none !important; color: #595959 !important;"
+    " background-color: white !important; accent-color: #595959; }"
+    # Form controls drawn light, as the rest, whatever the page's color-scheme: on a dark
+    # theme the filter below turns them dark with the rest.
+    ".treescope_root, .arrayviz_container { color-scheme: light; }"
+    # A figure (render_array) has no root: its container is the top.
+    ".treescope_root, .arrayviz_container:not(.treescope_root *)"
+    " { background-color: var(--nnx-ckpt-treescope-background, white) !important;"
+    " filter: var(--nnx-ckpt-treescope-filter, none); }"
+    # Inverted twice (the filter commutes with inversion), a heatmap keeps its true colours.
+    " canvas { filter: var(--nnx-ckpt-treescope-filter, none); }</style>"
 )
 
 
@@ -141,23 +149,43 @@ def _treescope_html(value: Any) -> str:
     """``treescope.render_to_html(value)``, with :data:`_TREESCOPE_CSS` in its shadow root.
 
     This uses two functions inside treescope 0.1.10 (the two steps of ``render_to_html``);
-    should they change, the plain rendering is used, and the browser test's contrast check
-    says so.
+    should they change, the plain rendering is used, and the browser test's contrast and
+    dark-background checks say so.
     """
     import treescope
 
     try:
-        from treescope import lowering, rendering_parts
-        from treescope._internal import html_encapsulation
+        from treescope import rendering_parts
         from treescope._internal.api import default_renderer
 
         tree = rendering_parts.build_full_line_with_annotations(
             default_renderer.build_foldable_representation(value, ignore_exceptions=True)
         )
-        source = "".join(lowering._render_to_html_as_root_streaming(tree, False, []))
-        return html_encapsulation.encapsulate_html(source + _TREESCOPE_CSS, compress=True)
+        return _part_html(tree)
     except (ImportError, AttributeError, TypeError):
         return treescope.render_to_html(value, ignore_exceptions=True)
+
+
+def _part_html(part: Any) -> str:
+    """A treescope rendering part as encapsulated HTML, with :data:`_TREESCOPE_CSS` inside."""
+    from treescope import lowering
+    from treescope._internal import html_encapsulation
+
+    source = "".join(lowering._render_to_html_as_root_streaming(part, False, []))
+    return html_encapsulation.encapsulate_html(source + _TREESCOPE_CSS, compress=True)
+
+
+def figure_html(figure: Any) -> str:
+    """A treescope figure (``treescope.render_array(...)``) as HTML that follows the theme.
+
+    Falls back to the figure's own ``_repr_html_`` (white in either theme) should treescope's
+    internals move.
+    """
+    try:
+        return _part_html(figure.treescope_part)
+    except (ImportError, AttributeError, TypeError):
+        html: str = figure._repr_html_()
+        return html
 
 
 def _expand_containers(tree: Any) -> None:

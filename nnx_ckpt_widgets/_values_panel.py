@@ -14,6 +14,7 @@ page through :func:`nnx_ckpt_widgets.render.esc` or as a widget's plain-text lab
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text
-from nnx_ckpt_widgets._display import ProgressRow, one_line
+from nnx_ckpt_widgets._display import ProgressRow, figure_html, one_line
 from nnx_ckpt_widgets.diff import DiffReport, diff_html, diff_infos
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.render import esc
@@ -60,6 +61,9 @@ class ValuesPanel(w.VBox):
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Bumped whenever what is shown stops being about the selection (another node, step
+        # or item): a read that started before then drops its result instead of showing it.
+        self._generation = 0
         self.values_button = w.Button(
             description="Values", icon="bar-chart", tooltip="read the selected arrays"
         )
@@ -105,10 +109,19 @@ class ValuesPanel(w.VBox):
         if others:
             children += [self.diff_button, self.other_step]
         self.actions.children = [*children, self.progress]
-        self.stats_report = self.diff_report = self.array = self.error = None
-        self.result_html.value = ""
-        self.array_output.outputs = ()
-        self._set_status("ready", "Nothing read yet: Values reads the selected arrays.")
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the results shown (the selection changed): nothing is read until asked again.
+
+        A read still running finishes in the background and its result is dropped.
+        """
+        with self._lock:
+            self._generation += 1
+            self.stats_report = self.diff_report = self.array = self.error = None
+            self.result_html.value = ""
+            self.array_output.outputs = ()
+            self._set_status("ready", "Nothing read yet: Values reads the selected arrays.")
 
     def _values_clicked(self, _button: Any = None) -> None:
         name, leaves = self.selection()
@@ -125,15 +138,25 @@ class ValuesPanel(w.VBox):
             self.running = True
             self._enable(False)
             self._thread = threading.Thread(
-                target=self._guarded, args=(target, *args), name="nnx-ckpt-values", daemon=True
+                target=self._guarded,
+                args=(self._generation, target, *args),
+                name="nnx-ckpt-values",
+                daemon=True,
             )
             self._thread.start()
+
+    def _show(self, generation: int, show: Callable[[], None]) -> None:
+        """Run ``show`` (which updates the page) unless the selection changed since the read
+        began."""
+        with self._lock:
+            if generation == self._generation:
+                show()
 
     def _enable(self, idle: bool) -> None:
         self.values_button.disabled = self.diff_button.disabled = not idle
         self.other_step.disabled = not idle
 
-    def _guarded(self, target: Callable[..., None], *args: Any) -> None:
+    def _guarded(self, generation: int, target: Callable[..., None], *args: Any) -> None:
         start = time.perf_counter()
         done = threading.Event()
 
@@ -146,10 +169,9 @@ class ValuesPanel(w.VBox):
         ticker.start()
         self.error = None
         try:
-            target(*args)
+            target(generation, *args)
         except Exception as err:  # every failure becomes the status line
-            self.error = err
-            self._set_status("failed", f"Could not read the values: {one_line(err)}")
+            self._show(generation, functools.partial(self._failed, err))
         finally:
             done.set()
             ticker.join()
@@ -157,35 +179,57 @@ class ValuesPanel(w.VBox):
             self.running = False
             self._enable(True)
 
-    def _run_values(self, name: str, leaves: Sequence[LeafInfo]) -> None:
-        what = f"{_text.plural(len(leaves), 'array')} of {name or 'the checkpoint'}"
-        self._set_status("running", f"Reading {what}…")
-        self.array = None
-        self.array_output.outputs = ()
-        if len(leaves) == 1:
-            report, array = _one_array(self.info, leaves[0], self._row.update)
-        else:
-            report, array = stats_of(self.info, leaves, progress=self._row.update), None
-        self.stats_report = report
-        self.result_html.value = stats_html(report)
-        if array is not None:
-            self.array = array
-            self.array_output.outputs = (_array_output(leaves[0], array),)
-        # The summary counts the arrays: "Values of linear1: 2 arrays (128 B): no NaN or Inf."
-        where = name or "the checkpoint"
-        self._set_status("done" if report.ok else "warn", f"Values of {where}: {report.summary()}")
+    def _failed(self, err: Exception) -> None:
+        self.error = err
+        self._set_status("failed", f"Could not read the values: {one_line(err)}")
 
-    def _run_diff(self, name: str, leaves: Sequence[LeafInfo], other: int) -> None:
+    def _run_values(self, generation: int, name: str, leaves: Sequence[LeafInfo]) -> None:
+        what = name or "the checkpoint"
         info = self.info
-        self._set_status("running", f"Reading step {info.step} and step {other}…")
+
+        def running() -> None:
+            self._set_status("running", f"Reading {_text.plural(len(leaves), 'array')} of {what}…")
+            self.array = None
+            self.array_output.outputs = ()
+
+        self._show(generation, running)
+        if len(leaves) == 1:
+            report, array = _one_array(info, leaves[0], self._row.update)
+        else:
+            report, array = stats_of(info, leaves, progress=self._row.update), None
+
+        def done() -> None:
+            self.stats_report, self.diff_report = report, None
+            self.result_html.value = stats_html(report)
+            if array is not None:
+                self.array = array
+                self.array_output.outputs = (_array_output(leaves[0], array),)
+            # Green means "checked, nothing wrong"; NaN or Inf is a warning.
+            state = "done" if report.ok else "warn"
+            self._set_status(state, f"Values of {what}, {report.summary()}")
+
+        self._show(generation, done)
+
+    def _run_diff(self, generation: int, name: str, leaves: Sequence[LeafInfo], other: int) -> None:
+        info = self.info
+        self._show(
+            generation,
+            lambda: self._set_status("running", f"Reading step {info.step} and step {other}…"),
+        )
         other_info = inspect(info.path, step=other, item=info.item)
         keys = [leaf.name for leaf in leaves] if name else None
         report = diff_infos(other_info, info, keys=keys, progress=self._row.update)
-        self.diff_report = report
-        self.result_html.value = diff_html(report)
-        self.array_output.outputs = ()
-        state = "done" if report.ok else "warn"  # NaN, Inf or a blow-up is never green
-        self._set_status(state, f"Step {other} → step {info.step}: {report.summary()}")
+
+        def done() -> None:
+            self.diff_report = report
+            self.result_html.value = diff_html(report)
+            self.array_output.outputs = ()
+            # A diff reports change, which is neither good nor bad: plain text, unless NaN or
+            # Inf appeared or an array blew up (DiffReport.ok).
+            state = "info" if report.ok else "warn"
+            self._set_status(state, f"Step {other} → step {info.step}: {report.summary()}")
+
+        self._show(generation, done)
 
     def _set_status(self, state: str, text: str) -> None:
         self.status = text
@@ -246,7 +290,7 @@ def _array_output(leaf: LeafInfo, array: Any) -> dict[str, Any]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 figure = treescope.render_array(array, truncate=True, maximum_size=ARRAY_CELLS)
-                html = figure._repr_html_()
+                html = figure_html(figure)
         except Exception:  # treescope cannot draw every dtype (complex, keys): text only
             html = None
     if html is None:

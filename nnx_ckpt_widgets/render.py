@@ -9,7 +9,7 @@ them.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nnx_ckpt_widgets import _keypaths
@@ -42,20 +42,48 @@ __all__ = [
     "where",
 ]
 
-# JupyterLab's theme colours (hex where they are not defined, as in nbconvert HTML), mixed with
-# the theme's text colour so that they keep 4.5:1 contrast on the light and the dark theme.
-_MIX = "color-mix(in srgb,{} 62%,var(--jp-content-font-color0,#000))"
+
+def theme_colour(variable: str, fallback: str) -> str:
+    """A CSS colour: the theme's ``variable`` mixed with its text colour, readable on both themes.
+
+    A status colour such as ``--jp-success-color1`` alone is too pale on white (about 4:1), so
+    it is mixed with the theme's text colour: darker on a light theme, lighter on a dark one,
+    and at least 4.5:1 against the background in both (checked in a real browser by
+    ``tests/test_browser.py``). Outside Jupyter (nbconvert HTML) the fallback applies.
+
+    Args:
+      variable: a JupyterLab colour variable, e.g. ``--jp-success-color1``.
+      fallback: the colour to use where the variable is not defined.
+    """
+    return f"color-mix(in srgb,var({variable},{fallback}) 62%,var(--jp-content-font-color0,#000))"
+
+
+# What a status means, as a colour: one table for the reports here and the widgets' statuses.
+COLOURS = {
+    "running": theme_colour("--jp-brand-color1", "#0969da"),
+    "done": theme_colour("--jp-success-color1", "#1a7f37"),
+    "failed": theme_colour("--jp-error-color1", "#cf222e"),
+    "warn": theme_colour("--jp-warn-color1", "#9a6700"),
+}
 STATUS_COLOURS = {
-    "matched": _MIX.format("var(--jp-success-color1,#1a7f37)"),
-    "missing": _MIX.format("var(--jp-warn-color1,#9a6700)"),
-    "unexpected": _MIX.format("#8250df"),
-    "shape mismatch": _MIX.format("var(--jp-error-color1,#cf222e)"),
-    "dtype mismatch": _MIX.format("var(--jp-warn-color0,#bc4c00)"),
+    "matched": COLOURS["done"],
+    "missing": COLOURS["warn"],
+    "unexpected": "color-mix(in srgb,#8250df 62%,var(--jp-content-font-color0,#000))",
+    "shape mismatch": COLOURS["failed"],
+    "dtype mismatch": theme_colour("--jp-warn-color0", "#bc4c00"),
 }
 BOX_STYLE = (
     "font-family:var(--jp-code-font-family,monospace);font-size:12px;max-width:100%;"
     "overflow-wrap:anywhere;word-break:break-word"
 )
+
+
+# Tables: a status, a shape or a number never wraps (broken in two, it misreads); a key name
+# may, past a width of its own, so that a narrow page never breaks it letter by letter. What
+# does not fit scrolls sideways, with its scrollbar right under the table.
+_WHOLE = "white-space:nowrap"
+_KEY = "overflow-wrap:anywhere;min-width:16ch"
+_PANE = "overflow-x:auto;max-width:100%"
 
 
 def esc(value: object) -> str:
@@ -65,32 +93,43 @@ def esc(value: object) -> str:
 
 def values_table_html(
     rows: Sequence[Sequence[str]],
-    flagged: Callable[[Sequence[str]], bool],
+    flagged: Callable[[Sequence[str]], bool | Collection[int]],
     *,
-    cells: tuple[int, ...] | None = None,
     align: str = "right",
+    left: Collection[int] = (0,),
 ) -> str:
     """An escaped table of text rows, the first being the header, as stats and diff draw them.
 
-    A flagged row is drawn in the error colour (readable on the light and the dark theme): the
-    whole row, or only its ``cells`` when they are given.
-    """
-    from nnx_ckpt_widgets._display import COLOURS
+    Args:
+      rows: the header, then one row of cells per entry.
+      flagged: for a row, True to draw it all in the error colour (readable on the light and
+        the dark theme), or the indices of the cells that hold a finding, to draw only those.
+      align: the alignment of the cells not in ``left`` (numbers read best on the right).
+      left: the columns aligned left whatever ``align`` says: names, shapes and dtypes, as
+        in the load report.
 
-    style = f" style='color:{COLOURS['failed']};font-weight:600'"
-    head = "".join(f"<th>{esc(cell)}</th>" for cell in rows[0])
+    The table sits in a pane that scrolls sideways when it is wider than the page; cells never
+    wrap (a number or a shape broken in two misreads), except the key column, which wraps a
+    long name only past a width of its own.
+    """
+    style = f"color:{COLOURS['failed']};font-weight:600"
+
+    def cell(tag: str, i: int, text: str, mark: bool) -> str:
+        css = f"text-align:{'left' if i in left else align}" + (";" + style if mark else "")
+        css += ";" + (_KEY if i == 0 else _WHOLE)  # the key column may wrap a long name
+        return f"<{tag} style='{css}'>{esc(text)}</{tag}>"
+
+    head = "".join(cell("th", i, text, False) for i, text in enumerate(rows[0]))
     body = []
     for row in rows[1:]:
         mark = flagged(row)
-        row_style = style if mark and cells is None else ""
-        tds = "".join(
-            f"<td{style if mark and cells is not None and i in cells else ''}>{esc(cell)}</td>"
-            for i, cell in enumerate(row)
-        )
-        body.append(f"<tr{row_style}>{tds}</tr>")
+        marked = set(range(len(row))) if mark is True else set() if mark is False else set(mark)
+        body.append("<tr>" + "".join(cell("td", i, t, i in marked) for i, t in enumerate(row)))
     return (
-        f"<table class='nnx-ckpt-values-table' style='border-collapse:collapse;text-align:{align}'>"
-        f"<tr>{head}</tr>{''.join(body)}</table>"
+        f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
+        "<table class='nnx-ckpt-values-table' style='border-collapse:collapse;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"<tr>{head}</tr>{'</tr>'.join(body)}{'</tr>' if body else ''}</table></div>"
     )
 
 
@@ -274,18 +313,21 @@ def report_html(report: LoadReport) -> str:
         detail = first.detail + (
             f" (from {first.source})" if first.source and len(group) == 1 else ""
         )
-        action = f"<td>{esc(first.action or '')}</td>" if with_action else ""
+        action = f"<td style='{_WHOLE}'>{esc(first.action or '')}</td>" if with_action else ""
         rows.append(
-            f"<tr><td style='color:{colour};font-weight:600'>{esc(first.status)}</td>"
-            f"<td>{esc(pattern)}</td><td>{esc(detail)}</td>{action}</tr>"
+            f"<tr><td style='color:{colour};font-weight:600;{_WHOLE}'>{esc(first.status)}</td>"
+            f"<td style='{_KEY}'>{esc(pattern)}</td><td style='{_WHOLE}'>{esc(detail)}</td>"
+            f"{action}</tr>"
         )
     counts = esc(_counts_line(report))
     return (
         f'<div class="nnx-ckpt-report" style="{BOX_STYLE}">'
         f"<b>Load report for {esc(where(report.path, report.step, report.item))}</b> "
         f"({esc(report.format)})"
-        "<table style='border-collapse:collapse;text-align:left;table-layout:auto'>"
-        f"{head}{''.join(rows)}</table>"
+        f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
+        "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"{head}{''.join(rows)}</table></div>"
         f"<div>{counts}</div>"
         + "".join(f"<div>note: {esc(note)}</div>" for note in report.notes)
         + f"<div><b>{esc(report.advice)}</b></div></div>"

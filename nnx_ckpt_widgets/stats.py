@@ -361,15 +361,17 @@ def stats_of(
     )
 
 
+def _nonfinite_cells(row: Sequence[str]) -> set[int]:
+    """The cells of a stats row to flag: its NaN and Inf counts that are not 0, and its key."""
+    found = {i for i in (8, 9) if row[i] not in ("0", "-")}
+    return found | {0} if found else found
+
+
 def stats_html(report: StatsReport, digits: int = 4) -> str:
     """The report as an escaped HTML table (every key and dtype goes through ``esc``)."""
     from nnx_ckpt_widgets.render import BOX_STYLE, esc, values_table_html
 
-    table = values_table_html(
-        report.rows(digits),
-        lambda row: row[8] not in ("0", "-") or row[9] not in ("0", "-"),  # NaN or Inf
-        cells=(0, 8, 9),
-    )
+    table = values_table_html(report.rows(digits), _nonfinite_cells, left=(0, 1, 2))
     findings = "".join(f"<li>{esc(line)}</li>" for line in report.findings())
     select = f"<br>select: {esc(report.select)}" if report.select is not None else ""
     return (

@@ -109,7 +109,7 @@ class CheckpointBrowser(w.VBox):
             description="item", style=labels, layout=w.Layout(width="auto", max_width="100%")
         )
         self.selectors = w.HBox(layout=w.Layout(flex_flow="row wrap"))
-        self.tree = TreeView(self.info, **self._tree_options)
+        self.tree = self._new_tree()
         self.panel: RestorePanel | None = None
         if model is not None:
             self.panel = RestorePanel(self.info, model, rename=rename, transform=transform)
@@ -217,13 +217,20 @@ class CheckpointBrowser(w.VBox):
         self._set_error(None)
         self.info = info
         self.tree.close()
-        self.tree = TreeView(self.info, **self._tree_options)
+        self.tree = self._new_tree()
         if self.panel is not None:
             self.panel.set_info(self.info)
         self.values.set_info(self.info)
         self._fill_selectors()
         self._render_header()
         self._layout()
+
+    def _new_tree(self) -> TreeView:
+        """The tree of ``self.info``; selecting another node clears the Values panel."""
+        tree = TreeView(self.info, **self._tree_options)
+        # The Values panel's results are about the node selected when they were read.
+        tree.observe(lambda _change: self.values.clear(), "selected")
+        return tree
 
     def _set_error(self, err: CheckpointError | None, text: str = "") -> None:
         self.error, self._error_text = err, text

@@ -8,11 +8,21 @@ killing its process group, whatever the tests did. Both apps expose ``window.jup
 
 The story test walks the browser through strict fail, lenient success, strict fail again, a
 step change and an item change, in JupyterLab (light and dark) and Notebook 7. After each, it
-checks that the report and the status agree, and audits the DOM at 800, 1200 and 1600 px: no
+checks that the report and the status agree, and audits the DOM at 800, 1280 and 1600 px: no
 element hides overflow (``scrollWidth > clientWidth`` without a visible scrollbar; only the
 designated panes scroll), every button's label shows whole, and all text has at least 4.5:1
 contrast against its background (WCAG AA, computed from the styles, treescope's shadow roots
 included). Playwright hides scrollbars by default; here they are shown, as a user has them.
+
+The tutorial test opens every notebook of ``notebooks/`` and ``notebooks/zh/`` in turn in one
+JupyterLab (from a copy, since Lab autosaves), runs all its cells, runs them all again in the same
+kernel, restarts the kernel and runs them once more: no cell may fail or write to stderr. After
+the first run it audits the whole notebook at 800, 1280 and 1600 px, with the file browser open
+and closed, in the light and the dark theme: no text cut off without a scrollbar in sight
+(outputs, markdown and treescope's shadow roots), no short word broken inside a table cell, and
+in our widgets the story's audit, the tree apart from its treescope pane, and treescope dark on
+the dark theme. Each check is first shown a planted fault, so that it cannot pass blind.
+``NNX_CKPT_LAYOUT_SHOTS=1`` writes a screenshot of every such layout to ``tests/artifacts/``.
 
 ``NNX_CKPT_CHROMIUM`` names another Chromium binary. A screenshot of each state always goes to
 ``tests/artifacts/``; set ``NNX_CKPT_SCREENSHOT=1`` to also write the ones docs/ keeps
@@ -197,12 +207,34 @@ AUDIT_JS = r"""
     const a = top[3];
     return [0, 1, 2].map(i => top[i] * a + bottom[i] * (1 - a)).concat([1]);
   };
+  // The element (itself or an ancestor) whose CSS filter inverts what it paints: treescope's
+  // root on the dark theme, `invert(1) hue-rotate(180deg)`. Colours painted inside it are
+  // shown through that filter (sRGB matrices of the Filter Effects spec).
+  const inverter = (el) => {
+    for (let node = el; node; node = up(node)) {
+      if (node.nodeType === 1 && getComputedStyle(node).filter.includes('invert(1)')) return node;
+    }
+    return null;
+  };
+  const within = (node, ancestor) => {
+    for (let n = node; n; n = up(n)) if (n === ancestor) return true;
+    return false;
+  };
+  const HUE_180 = [[-0.574, 1.43, 0.144], [0.426, 0.43, 0.144], [0.426, 1.43, -0.856]];
+  const shownThrough = (c) => {
+    const inv = c.slice(0, 3).map(v => 255 - v);
+    const out = HUE_180.map(row => Math.min(255, Math.max(0,
+      row[0] * inv[0] + row[1] * inv[1] + row[2] * inv[2])));
+    return out.concat([c[3]]);
+  };
   const background = (el) => {
     // Backgrounds from the element up to the first opaque one, composited bottom-up.
     const layers = [];
+    const filtered = inverter(el);
     for (let node = el; node; node = up(node)) {
       if (node.nodeType !== 1) continue;
-      const c = rgba(getComputedStyle(node).backgroundColor);
+      let c = rgba(getComputedStyle(node).backgroundColor);
+      if (c && c[3] > 0 && filtered && within(node, filtered)) c = shownThrough(c);
       if (c && c[3] > 0) { layers.push(c); if (c[3] >= 1) break; }
     }
     let colour = [255, 255, 255, 1];
@@ -273,8 +305,9 @@ AUDIT_JS = r"""
     }
     const texty = ownText(el) || ['BUTTON', 'SELECT', 'INPUT', 'LABEL'].includes(el.tagName);
     if (!texty || disabled(el)) continue;
-    const fg = rgba(s.color);
+    let fg = rgba(s.color);
     if (!fg) continue;
+    if (inverter(el)) fg = shownThrough(fg);
     const bg = background(el);
     const text = over([fg[0], fg[1], fg[2], fg[3] * opacity(el)], bg);
     const [l1, l2] = [luminance(text), luminance(bg)].sort((a, b) => b - a);
@@ -584,7 +617,7 @@ def test_hostile_key_shows_as_text_and_runs_nothing(server, browser_page):
 
 # --- the story: every state of the browser, checked for layout, contrast and consistency ----
 
-WIDTHS = (800, 1200, 1600)
+WIDTHS = (800, 1280, 1600)
 ROOTS = ".nnx-ckpt-browser, .nnx-ckpt-side-by-side"
 
 PANEL_JS = r"""
@@ -639,23 +672,39 @@ def _settled(page) -> None:
 
 
 def _audit(page, state: str) -> None:
-    """No hidden overflow, no clipped label, contrast >= 4.5:1, at every width."""
+    """No hidden overflow, no clipped label, contrast >= 4.5:1, no word broken in a table, the
+    tree apart from its treescope pane, treescope dark on the dark theme: at every width, and
+    in JupyterLab with the file browser open and closed."""
     problems = []
-    for width in WIDTHS:
-        page.set_viewport_size({"width": width, "height": 1000})
-        page.wait_for_function(f"() => window.innerWidth === {width}")
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => setTimeout(r, 50)))")
-        found = page.evaluate(AUDIT_JS, ROOTS)
-        assert found["checked"] > 20, found  # the audit saw the widget's text
-        for kind in ("overflow", "clipped", "contrast"):
-            problems.extend(f"{state} @ {width}px {kind}: {p}" for p in dict.fromkeys(found[kind]))
+    light = page.evaluate("() => document.body.dataset.jpThemeLight") == "true"
+    theme = "light" if light else "dark"
+    sides = (True, False) if state.startswith("lab/") else (None,)
+    for side in sides:
+        if side is not None:
+            _file_browser(page, side)
+        for width in WIDTHS:
+            page.set_viewport_size({"width": width, "height": 1000})
+            page.wait_for_function(f"() => window.innerWidth === {width}")
+            page.evaluate("() => new Promise(r => requestAnimationFrame(() => setTimeout(r, 50)))")
+            where = f"{state} @ {width}px" + (
+                "" if side is None else f" file browser {'open' if side else 'closed'}"
+            )
+            found = page.evaluate(AUDIT_JS, ROOTS)
+            assert found["checked"] > 20, found  # the audit saw the widget's text
+            for kind in ("overflow", "clipped", "contrast"):
+                problems.extend(f"{where} {kind}: {p}" for p in dict.fromkeys(found[kind]))
+            words = page.evaluate(BROKEN_WORDS_JS, ".nnx-ckpt td, .nnx-ckpt th")
+            problems.extend(f"{where} broken word: {p}" for p in words)
+            problems.extend(f"{where}: {p}" for p in _widget_checks(page, theme))
+    if sides[0] is not None:
+        _file_browser(page, True)
     page.set_viewport_size({"width": 1200, "height": 1000})
     assert not problems, "\n".join(problems)
 
 
 # The screenshots that docs/ keeps: every state in JupyterLab's light theme, two in the others.
 DOCS_SHOTS = {
-    ("lab", "dark"): ("strict-failed", "lenient-restored"),
+    ("lab", "dark"): ("strict-failed", "lenient-restored", "values"),
     ("notebook", "light"): ("lenient-restored",),
 }
 
@@ -797,7 +846,40 @@ def test_browser_story(server, theme, browser_page):
     assert len(patterns) == 1, headers
     assert "latest" in headers[0] and "2" in headers[0]
 
+    # The Values panel: one array's statistics and treescope's heatmap of it.
+    _kernel_print(page, 'browser.tree.select("embed", "kernel")')
+    page.wait_for_function(
+        "() => document.querySelector('.nnx-ckpt-caption b')?.innerText === 'embed/kernel'"
+    )
+    widget.locator("button.nnx-ckpt-values").click()
+    page.wait_for_selector('.nnx-ckpt-values-status[data-state="done"]', timeout=60_000)
+    page.wait_for_selector(".nnx-ckpt-values-panel treescope-container")
+    _settled(page)
+    values = widget.locator(".nnx-ckpt-values-status").inner_text()
+    assert values.startswith("Values of embed/kernel, 1 array (512 B): no NaN or Inf"), values
+    heatmaps = page.evaluate(TREESCOPE_BACKGROUNDS_JS, ".nnx-ckpt-values-panel treescope-container")
+    assert len(heatmaps) == 1 and heatmaps[0]["heatmap"], heatmaps
+    if theme == "dark":
+        assert heatmaps[0]["luminance"] < 0.2 and "invert" in heatmaps[0]["filter"], heatmaps
+    else:
+        assert heatmaps[0]["luminance"] > 0.8 and "invert" not in heatmaps[0]["filter"], heatmaps
+    # In the table, the names are left-aligned like the load report's, the numbers right.
+    aligns = page.evaluate(
+        "() => [...document.querySelectorAll('.nnx-ckpt-values-table tr:nth-child(2) td')]"
+        ".map(td => getComputedStyle(td).textAlign)"
+    )
+    assert aligns[:3] == ["left"] * 3 and set(aligns[3:]) == {"right"}, aligns
+    _audit(page, f"{server.app}/{theme}/values")
+    _shot(page, server, theme, "values")
+    # Another selection clears what the panel showed about the last one.
+    widget.locator("button.nnx-ckpt-name", has_text="layers").first.click()
+    page.wait_for_selector('.nnx-ckpt-values-status[data-state="ready"]', timeout=60_000)
+    assert page.locator(".nnx-ckpt-values-panel .nnx-ckpt-stats").count() == 0
+    assert page.locator(".nnx-ckpt-values-panel treescope-container").count() == 0
+
     # The side-by-side view: both columns unfold alike.
+    page.locator(".nnx-ckpt-side-by-side").scroll_into_view_if_needed()
+    _settled(page)
     lines = page.evaluate(TREESCOPE_LINES_JS)
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0] > 10, lines
     _shot(page, server, theme, "restored", ".nnx-ckpt-side-by-side")
@@ -900,3 +982,415 @@ def test_long_restore_shows_progress(server, browser_page):
     assert elapsed == sorted(elapsed) and elapsed[-1] >= 1.0, seen
     # The bytes read move while it runs: some batch between none and all was shown.
     assert any(d not in ("0 B", "1.0 GiB") for d in done), seen
+
+
+# --- every tutorial, English and Chinese: Run All twice, then again after a restart ----------
+#
+# One Lab server for all of them; each notebook opens in turn in a page of its own, from a copy
+# of notebooks/ in the server's root (Lab autosaves, and the tracked notebooks are nbval's
+# fixtures). After the first run, the layout of the whole notebook is audited at each width,
+# with the file browser open and closed, in the light and the dark theme.
+
+TUTORIALS = REPO / "notebooks"
+LAYOUT_WIDTHS = (800, 1280, 1600)
+THEMES = ("light", "dark")
+RUN_TIMEOUT_MS = 600_000  # one Run All of the slowest tutorial on a busy 2-core machine
+
+# Notebooks 05 and 10 start the GCS emulator; on this branch its relay keeps its port after
+# close(), so a second Run All fails at GCSEmulator().start() with "Address already in use"
+# (issue 27; emulator.py is fixed on the "teach" branch). Strict: once the fix is merged these
+# XPASS, which fails: then drop the mark.
+_RELAY = pytest.mark.xfail(
+    strict=True,
+    reason="emulator relay keeps its port after close(): second Run All fails (issue 27)",
+)
+
+
+# Layout faults in a notebook's own text, which only the notebook can fix: notebook -> (why,
+# what every problem found must mention). The runs are still checked; the layout is xfailed,
+# and a notebook that lays out well fails here until it is taken off this list.
+_WIDE_TABLE = (
+    "the v0 -> v1 markdown table is wider than the page at 800 and 1280 px; JupyterLab "
+    "scrolls the whole markdown cell, with its scrollbar a screen below the table",
+    "jp-MarkdownOutput, whose scrollbar is",
+)
+CONTENT_TO_FIX = {"08_orbax_v1.ipynb": _WIDE_TABLE, "zh/08_orbax_v1.ipynb": _WIDE_TABLE}
+
+
+def _tutorials() -> list:
+    params = []
+    for path in sorted(TUTORIALS.glob("*.ipynb")) + sorted(TUTORIALS.glob("zh/*.ipynb")):
+        name = path.relative_to(TUTORIALS).as_posix()
+        marks = [_RELAY] if path.name.startswith(("05_", "10_")) else []
+        params.append(pytest.param(name, marks=marks, id=name.removesuffix(".ipynb")))
+    return params
+
+
+CELL_ERRORS_JS = r"""
+() => {
+  const notebook = window.jupyterapp.shell.currentWidget.content;
+  const found = [];
+  notebook.widgets.forEach((cell, i) => {
+    if (cell.model.type !== 'code') return;
+    if (cell.model.executionCount === null) found.push(`cell ${i}: not run`);
+    for (const out of cell.model.outputs.toJSON()) {
+      if (out.output_type === 'error') {
+        found.push(`cell ${i}: ${out.ename}: ${out.evalue}`);
+      } else if (out.output_type === 'stream' && out.name === 'stderr') {
+        found.push(`cell ${i} stderr: ${String(out.text).slice(0, 300)}`);
+      }
+    }
+  });
+  return found;
+}
+"""
+
+RUN_ALL_JS = r"""
+() => {
+  window.__runAll = null;
+  window.jupyterapp.commands.execute('notebook:run-all-cells').then(
+    ok => { window.__runAll = ok === false ? 'failed' : 'done'; },
+    err => { window.__runAll = 'error: ' + err; });
+}
+"""
+
+KERNEL_IDLE_JS = r"""
+() => {
+  const app = window.jupyterapp;
+  const widget = app && app.shell.currentWidget;
+  const kernel = widget && widget.sessionContext && widget.sessionContext.session
+    && widget.sessionContext.session.kernel;
+  return kernel && kernel.connectionStatus === "connected" && kernel.status === "idle";
+}
+"""
+
+# Text cut off without a scrollbar, anywhere in the notebook's outputs and markdown (shadow
+# roots included): the content is wider than its box, and the box hides it, or scrolls with no
+# visible scrollbar. Elements with a tooltip show their whole text there and are let be.
+CLIPPED_JS = r"""
+() => {
+  const els = [];
+  const visit = (node) => {
+    for (const el of node.querySelectorAll('*')) {
+      els.push(el);
+      if (el.shadowRoot) visit(el.shadowRoot);
+    }
+  };
+  for (const root of document.querySelectorAll(
+      '.jp-Notebook .jp-OutputArea-output, .jp-Notebook .jp-MarkdownOutput')) {
+    els.push(root); visit(root);
+  }
+  const up = (el) => el.parentElement || (el.getRootNode && el.getRootNode().host) || null;
+  const ownText = (el) => [...el.childNodes].some(
+    n => n.nodeType === 3 && n.textContent.trim().length > 0);
+  // 'scrolls' (with a visible scrollbar), 'no bar', 'clips', or 'visible'.
+  const scrolling = (el) => {
+    const s = getComputedStyle(el);
+    if (s.overflowX === 'visible') return 'visible';
+    if (!['auto', 'scroll'].includes(s.overflowX) || s.scrollbarWidth === 'none') return 'clips';
+    if (el.scrollWidth <= el.clientWidth + 1) return 'scrolls';
+    const bar = el.offsetHeight - el.clientHeight
+      - parseFloat(s.borderTopWidth) - parseFloat(s.borderBottomWidth);
+    return bar < 1 ? 'no bar' : 'scrolls';
+  };
+  const found = [];
+  for (const el of els) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    const s = getComputedStyle(el);
+    if (s.visibility === 'hidden' || s.display === 'none') continue;
+    if (el.scrollWidth <= el.clientWidth + 1) continue;
+    if (el.title || (up(el) && up(el).title)) continue;
+    const text = (el.innerText || el.textContent || '').trim().replace(/\s+/g, ' ').slice(0, 60);
+    const what = `${el.tagName.toLowerCase()}${[...el.classList].map(c => '.' + c).join('')}`
+      + ` "${text}" ${el.scrollWidth}>${el.clientWidth}`;
+    if (scrolling(el) === 'no bar') found.push(`scrolls with no visible scrollbar: ${what}`);
+    if (scrolling(el) === 'clips') found.push(`clipped: ${what}`);
+  }
+  // Text that reaches past the box of the nearest ancestor that clips: cut off there, unless
+  // that ancestor scrolls with a scrollbar that is in sight when the cut text is (a scrollbar
+  // at the foot of a long markdown cell, a screen below a wide table, is no help).
+  const seen = new Set();
+  for (const el of els) {
+    if (!ownText(el)) continue;
+    let r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0 || getComputedStyle(el).visibility === 'hidden') continue;
+    for (let a = up(el); a; a = up(a)) {
+      if (a.nodeType !== 1 || getComputedStyle(a).overflowX === 'visible') continue;
+      let box = a.getBoundingClientRect();
+      if (r.right <= box.right + 1 && r.left >= box.left - 1) break;
+      const name = `${a.tagName.toLowerCase()}${[...a.classList].map(c => '.' + c).join('')}`;
+      const text = el.textContent.trim().replace(/\s+/g, ' ').slice(0, 60);
+      if (scrolling(a) !== 'scrolls') {
+        found.push(`cut off by ${name}: "${text}" reaches ${r.right.toFixed(0)}`
+          + ` > ${box.right.toFixed(0)}`);
+      } else if (!seen.has(a)) {
+        seen.add(a);
+        el.scrollIntoView({block: 'center', inline: 'nearest'});
+        r = el.getBoundingClientRect();
+        box = a.getBoundingClientRect();
+        if (box.bottom > window.innerHeight + 1) {
+          found.push(`cut off by ${name}, whose scrollbar is ${(box.bottom - r.bottom)
+            .toFixed(0)} px below: "${text}"`);
+        }
+      }
+      break;
+    }
+  }
+  return found;
+}
+"""
+
+# Table cells that break a short word (a shape, a dtype, a column name) across lines: each
+# word of up to 14 characters must fit the cell's width whole ("sha/pe", "m/i/n" must not
+# happen). Longer words, such as key names, may wrap.
+BROKEN_WORDS_JS = r"""
+(selector) => {
+  const canvas = document.createElement('canvas').getContext('2d');
+  const found = [];
+  for (const cell of document.querySelectorAll(selector)) {
+    const r = cell.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    const s = getComputedStyle(cell);
+    canvas.font = `${s.fontStyle} ${s.fontWeight} ${s.fontSize} ${s.fontFamily}`;
+    const room = cell.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight);
+    for (const word of (cell.innerText || '').split(/\s+/)) {
+      if (word.length < 2 || word.length > 14) continue;
+      // Chinese and Japanese text breaks between any two characters: that is no broken word.
+      if (/[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]/.test(word)) continue;
+      const width = canvas.measureText(word).width;
+      if (width > room + 1) {
+        found.push(`"${word}" (${width.toFixed(0)} px) in a ${room.toFixed(0)} px cell`);
+      }
+    }
+  }
+  return found;
+}
+"""
+
+# In the dark theme, what treescope draws (trees and array heatmaps) sits on a dark
+# background: the luminance of the colour each treescope root shows, its CSS filter applied.
+TREESCOPE_BACKGROUNDS_JS = r"""
+(selector) => {
+  const rgba = (text) => {
+    const m = text.match(/^rgba?\(([^)]*)\)$/);
+    if (!m) return null;
+    const p = m[1].split(/[\s,\/]+/).filter(Boolean).map(Number);
+    return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+  };
+  const up = (el) => el.parentElement || (el.getRootNode && el.getRootNode().host) || null;
+  const luminance = (c) => {
+    const [r, g, b] = c.slice(0, 3).map(v => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const out = [];
+  for (const container of document.querySelectorAll(selector)) {
+    // A tree has a root; a figure (an array's heatmap) only its container.
+    const root = container.shadowRoot && (container.shadowRoot.querySelector('.treescope_root')
+      || container.shadowRoot.querySelector('.arrayviz_container'));
+    if (!root) continue;
+    let colour = null;
+    for (let node = root; node && !colour; node = up(node)) {
+      if (node.nodeType !== 1) continue;
+      const c = rgba(getComputedStyle(node).backgroundColor);
+      if (c && c[3] >= 1) colour = c;
+    }
+    colour = colour || [255, 255, 255, 1];
+    // A filter on the root repaints its own background, not what shows through it.
+    const own = rgba(getComputedStyle(root).backgroundColor);
+    const filter = getComputedStyle(root).filter;
+    if (own && own[3] >= 1 && filter.includes('invert(1)')) {
+      colour = colour.map((v, i) => i < 3 ? 255 - v : v);
+    }
+    out.push({luminance: luminance(colour), filter, heatmap: !!root.querySelector('canvas')});
+  }
+  return out;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tutorials(server) -> Path:
+    """A copy of notebooks/ (zh and the scripts link included) in the server's root."""
+    import shutil
+
+    copy = server.root / "tutorials"
+    if not copy.exists():
+        shutil.copytree(TUTORIALS, copy, symlinks=True)
+    return copy
+
+
+def _run_all(page, name: str, run: str) -> None:
+    """Run All once and wait for it to end; no cell may fail or write to stderr."""
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=CELLS_TIMEOUT_MS)
+    page.evaluate(RUN_ALL_JS)
+    try:
+        page.wait_for_function("() => window.__runAll !== null", timeout=RUN_TIMEOUT_MS)
+    except Exception:
+        _dump(page, f"failed-run-{Path(name).stem}-{run.replace(' ', '-')}")
+        raise
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=CELLS_TIMEOUT_MS)
+    problems = page.evaluate(CELL_ERRORS_JS)
+    outcome = page.evaluate("() => window.__runAll")
+    if problems or outcome != "done":
+        _dump(page, f"failed-run-{Path(name).stem}-{run.replace(' ', '-')}")
+    assert not problems and outcome == "done", f"{name}, {run}: {outcome}: {problems}"
+
+
+def _file_browser(page, shown: bool) -> None:
+    if shown:
+        page.evaluate(
+            "() => { window.jupyterapp.shell.expandLeft();"
+            " window.jupyterapp.shell.activateById('filebrowser'); }"
+        )
+    else:
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+    page.wait_for_function(
+        f"() => window.jupyterapp.shell.leftCollapsed === {'false' if shown else 'true'}"
+    )
+
+
+def _theme(page, theme: str) -> None:
+    name = "JupyterLab Dark" if theme == "dark" else "JupyterLab Light"
+    page.evaluate(
+        f"() => window.jupyterapp.commands.execute('apputils:change-theme', {{theme: {name!r}}})"
+    )
+    light = "true" if theme == "light" else "false"
+    page.wait_for_function(f"() => document.body.dataset.jpThemeLight === '{light}'")
+    # The theme's stylesheet lands after the attribute: wait until the page's colours follow.
+    dark = "<" if theme == "dark" else ">"
+    page.wait_for_function(
+        "() => { const c = getComputedStyle(document.querySelector('.jp-Notebook'))"
+        ".backgroundColor.match(/\\d+/g).map(Number);"
+        f" return (c[0] + c[1] + c[2]) / 3 {dark} 128; }}"
+    )
+
+
+def _layout_problems(page, where: str) -> list[str]:
+    """Every layout check at every width, file browser open and closed, in both themes."""
+    problems = []
+    for theme in THEMES:
+        _theme(page, theme)
+        for browser_open in (True, False):
+            _file_browser(page, browser_open)
+            for width in LAYOUT_WIDTHS:
+                page.set_viewport_size({"width": width, "height": 1000})
+                page.wait_for_function(f"() => window.innerWidth === {width}")
+                page.evaluate(
+                    "() => new Promise(r => requestAnimationFrame(() => setTimeout(r, 50)))"
+                )
+                here = (
+                    f"{where} {theme} {width}px file browser {'open' if browser_open else 'closed'}"
+                )
+                if os.environ.get("NNX_CKPT_LAYOUT_SHOTS") == "1":
+                    side = "fb-open" if browser_open else "fb-closed"
+                    stem = name_stem(where)
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    # A markdown table in view, where there is one: the widest text we have.
+                    page.evaluate(
+                        "() => document.querySelector('.jp-Notebook .jp-MarkdownOutput table')"
+                        "?.scrollIntoView({block: 'center'})"
+                    )
+                    shot = ARTIFACTS / f"layout-{stem}-{theme}-{width}-{side}.png"
+                    page.screenshot(path=str(shot))
+                found = [f"clipped text: {p}" for p in page.evaluate(CLIPPED_JS)]
+                found += [
+                    f"broken word: {p}"
+                    for p in page.evaluate(BROKEN_WORDS_JS, ".jp-Notebook td, .jp-Notebook th")
+                ]
+                if page.locator(".nnx-ckpt").count():
+                    audit = page.evaluate(AUDIT_JS, ".nnx-ckpt")
+                    for kind in ("overflow", "clipped", "contrast"):
+                        found += [f"{kind}: {p}" for p in audit[kind]]
+                    found += _widget_checks(page, theme)
+                problems.extend(f"{here}: {p}" for p in dict.fromkeys(found))
+    _theme(page, "light")
+    _file_browser(page, True)
+    page.set_viewport_size({"width": 1200, "height": 1000})
+    return problems
+
+
+def name_stem(name: str) -> str:
+    """``zh/08_orbax_v1.ipynb`` -> ``zh-08_orbax_v1``, for file names."""
+    return name.removesuffix(".ipynb").replace("/", "-")
+
+
+# A clipped line and a word broken letter by letter, put into the page for a moment: the
+# checks must see them, or they would pass a broken layout too.
+PLANT_JS = r"""
+() => {
+  const home = document.querySelector('.jp-Notebook .jp-MarkdownOutput');
+  const planted = document.createElement('div');
+  planted.id = 'nnx-ckpt-planted';
+  planted.innerHTML = '<div style="overflow:hidden;width:60px;white-space:nowrap">'
+    + 'a line far too long for its box</div>'
+    + '<table><tr><td style="width:8px;word-break:break-all">shape</td></tr></table>';
+  home.appendChild(planted);
+}
+"""
+
+
+def _check_the_checks(page) -> None:
+    page.evaluate(PLANT_JS)
+    try:
+        clipped = page.evaluate(CLIPPED_JS)
+        broken = page.evaluate(BROKEN_WORDS_JS, "#nnx-ckpt-planted td")
+    finally:
+        page.evaluate("() => document.getElementById('nnx-ckpt-planted').remove()")
+    assert any("a line far too long" in p for p in clipped), clipped
+    assert any('"shape"' in p for p in broken), broken
+
+
+def _widget_checks(page, theme: str) -> list[str]:
+    """Our widgets: the tree and its treescope pane apart, treescope dark on the dark theme."""
+    found = []
+    for gap in page.evaluate(TREE_GAP_JS):
+        if gap < 8:
+            found.append(f"the tree and the treescope pane are {gap:.0f} px apart")
+    if theme == "dark":
+        for pane in page.evaluate(TREESCOPE_BACKGROUNDS_JS, ".nnx-ckpt treescope-container"):
+            if pane["luminance"] > 0.2:
+                what = "heatmap" if pane["heatmap"] else "treescope pane"
+                found.append(f"a light {what} in the dark theme: {pane}")
+    return found
+
+
+# The space between the tree pane and the treescope pane beside or below it.
+TREE_GAP_JS = r"""
+() => [...document.querySelectorAll('.nnx-ckpt-tree')].map(tree => {
+  const a = tree.querySelector('.nnx-ckpt-tree-pane').getBoundingClientRect();
+  const b = tree.querySelector('.nnx-ckpt-detail').getBoundingClientRect();
+  if (a.width === 0 || b.width === 0) return 99;
+  return b.top >= a.bottom - 1 ? b.top - a.bottom : b.left - a.right;
+})
+"""
+
+
+@pytest.mark.parametrize("server", ["lab"], indirect=True)
+@pytest.mark.parametrize("name", _tutorials())
+def test_tutorial_runs_twice_and_after_a_restart(server, tutorials, browser_page, name):
+    """Run All, Run All again in the same kernel, restart, Run All: no error, no stderr;
+    and after the first run, the layout holds at every width, theme and file-browser state."""
+    page = browser_page.new_page()
+    page.goto(server.notebook_url(f"tutorials/{name}"))
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=CELLS_TIMEOUT_MS)
+    _run_all(page, name, "first run")
+    _settled(page)
+    _check_the_checks(page)
+    problems = _layout_problems(page, name)
+    _run_all(page, name, "second run")
+    page.evaluate(
+        "async () => { await window.jupyterapp.shell.currentWidget.sessionContext"
+        ".restartKernel(); }"
+    )
+    _run_all(page, name, "after a restart")
+    known = CONTENT_TO_FIX.get(name)
+    if known is not None:
+        # Checked after the runs, so that the runs stay checked meanwhile.
+        assert problems, f"{name} lays out well now: drop it from CONTENT_TO_FIX"
+        assert all(known[1] in p for p in problems), "\n".join(problems)
+        pytest.xfail(known[0])
+    assert not problems, "\n".join(problems)

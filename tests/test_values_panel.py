@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,10 @@ def test_values_of_a_subtree_escaped(root):
     report = browser.values.stats_report
     assert report is not None and len(report) == 6 and report.step == 3
     assert report.with_nan == ["head/kernel"]
-    assert browser.values.status == f"Values of the checkpoint: {report.summary()}"
-    assert browser.values.status.startswith("Values of the checkpoint: 6 arrays (")
+    assert browser.values.status == f"Values of the checkpoint, {report.summary()}"
     html = browser.values.result_html.value
     assert HOSTILE not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
-    assert "values: Values of the checkpoint: 6 arrays" in repr(browser)
+    assert "values: Values of the checkpoint, 6 arrays" in repr(browser)
     assert not browser.values_button.disabled and not browser.values.running
     browser.tree.select("layers", "{0..3}")
     browser.values_button.click()
@@ -143,3 +143,114 @@ def test_a_damaged_array_becomes_the_status(tmp_path, failing_orbax_read):
     assert isinstance(panel.error, nw.CorruptCheckpointError)
     assert panel.status.startswith("Could not read the values: ") and str(path) in panel.status
     assert not panel.values_button.disabled
+
+
+def table_cells(html: str) -> list[list[tuple[str, str]]]:
+    """The rows of the first table in ``html``: each cell's text and its style attribute."""
+    from html.parser import HTMLParser
+
+    rows: list[list[tuple[str, str]]] = []
+
+    class Cells(HTMLParser):
+        style: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                rows.append([])
+            elif tag in ("td", "th"):
+                self.style = dict(attrs).get("style") or ""
+                rows[-1].append(("", self.style))
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.style = None
+
+        def handle_data(self, data):
+            if self.style is not None:
+                text, style = rows[-1][-1]
+                rows[-1][-1] = (text + data, style)
+
+    Cells().feed(html)
+    return rows
+
+
+def test_stats_table_flags_only_what_it_found(root):
+    """A NaN count is red, an Inf count of 0 is not; names left, numbers right, none broken."""
+    browser = CheckpointBrowser(root)  # step 3: head/kernel holds one NaN, no Inf
+    browser.values_button.click()
+    browser.wait(30)
+    rows = table_cells(browser.values.result_html.value)
+    header = [text for text, _ in rows[0]]
+    nan, inf = header.index("nan"), header.index("inf")
+    (head,) = [row for row in rows if row[0][0] == "head/kernel"]
+    assert head[nan][0] == "1" and "font-weight:600" in head[nan][1]
+    assert head[inf][0] == "0" and "font-weight" not in head[inf][1]
+    assert "font-weight:600" in head[0][1]  # the key of a row with a finding
+    (layers,) = [row for row in rows if row[0][0].startswith("layers/")]
+    assert not any("font-weight" in style for _, style in layers)
+    for row in rows:
+        aligns = [re.search(r"text-align:(\w+)", style).group(1) for _, style in row]
+        assert aligns[:3] == ["left"] * 3 and set(aligns[3:]) == {"right"}, row
+        # Only the key column may wrap; a shape, a dtype or a number stays whole.
+        assert all("white-space:nowrap" in style for _, style in row[1:]), row
+        assert "white-space:nowrap" not in row[0][1]
+    assert "nnx-ckpt-scroll" in browser.values.result_html.value  # a wide table scrolls
+
+
+def test_another_selection_clears_the_values(root):
+    browser = CheckpointBrowser(root, step=2)
+    panel = browser.values
+    browser.tree.select("head", "kernel")
+    browser.values_button.click()
+    browser.wait(30)
+    assert panel.stats_report is not None and panel.array is not None
+    assert panel.status.startswith("Values of head/kernel, 1 array (24 B): no NaN or Inf")
+    assert 'data-state="done"' in panel.status_html.value
+    browser.tree.select("layers")
+    assert panel.stats_report is None and panel.array is None
+    assert panel.result_html.value == "" and panel.array_output.outputs == ()
+    assert panel.status.startswith("Nothing read yet")
+    assert "values:" not in repr(browser)
+
+
+def test_a_read_for_an_old_selection_is_dropped(root):
+    """A read still running when the selection moves never shows its result."""
+    import threading
+
+    browser = CheckpointBrowser(root, step=2)
+    panel = browser.values
+    browser.tree.select("head", "kernel")
+    reading, release = threading.Event(), threading.Event()
+    update = panel._row.update
+
+    def held(done: int, total: int) -> None:
+        reading.set()
+        assert release.wait(30)
+        update(done, total)
+
+    panel._row.update = held
+    browser.values_button.click()
+    assert reading.wait(30) and panel.running
+    browser.tree.select("layers")  # while head/kernel is being read
+    release.set()
+    browser.wait(30)
+    assert not panel.running and panel.stats_report is None and panel.array is None
+    assert panel.result_html.value == "" and panel.status.startswith("Nothing read yet")
+    panel._row.update = update
+    browser.values_button.click()  # and the panel reads the new selection when asked
+    browser.wait(30)
+    assert [e.key for e in panel.stats_report] == [f"layers/{i}/kernel" for i in range(4)]
+
+
+def test_a_diff_is_coloured_by_what_it_found(root):
+    """Change is not success: a diff is plain text, and a warning when NaN or Inf appeared."""
+    browser = CheckpointBrowser(root)  # step 3, compared with step 2: NaN appeared
+    panel = browser.values
+    panel.diff_button.click()
+    browser.wait(30)
+    assert panel.diff_report.nan_appeared and 'data-state="warn"' in panel.status_html.value
+    browser.tree.select("layers")
+    panel.diff_button.click()
+    browser.wait(30)
+    assert not panel.diff_report.nonfinite_b
+    assert 'data-state="info"' in panel.status_html.value

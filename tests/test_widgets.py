@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,7 +192,38 @@ def test_button_disabled_while_running_and_second_click_ignored(tmp_path):
     np.testing.assert_array_equal(model.a.get_value(), np.ones((2048, 2048), np.float32))
 
 
-def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch):
+class Clock:
+    """A clock the test moves: the panels read elapsed time from it, not from the machine.
+
+    Installed as the panel module's ``time``, so a busy machine cannot make a fast restore look
+    slow, nor a test wait for real seconds to pass.
+    """
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    import nnx_ckpt_widgets._restore_panel as panel_module
+
+    fake = Clock()
+    monkeypatch.setattr(panel_module, "time", fake)
+    return fake
+
+
+def wait_until(predicate, what: str) -> None:
+    """Poll ``predicate`` (set from the panel's worker threads); fail after 30 s, naming it."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch, clock):
     """The panel's progress handling, driven by a restore that reports progress slowly."""
     import nnx_ckpt_widgets._restore_panel as panel_module
 
@@ -201,15 +231,18 @@ def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch):
     panel = RestorePanel(ncw.inspect(mlp_ckpt), model)
     assert panel.progress.layout.display == "none"
     real = panel_module.apply_plan
-    gate = threading.Event()
     seen: list[tuple[str | None, str, bool, str]] = []
+    before: list[str | None] = []
 
     def slow(plan, target, *, progress):
         progress(0, 104)
         progress(64, 104)
-        deadline = time.monotonic() + 30
-        while panel.progress.layout.display != "flex" and time.monotonic() < deadline:
-            time.sleep(0.05)  # the ticker shows the bar after PROGRESS_AFTER seconds
+        # Just short of PROGRESS_AFTER: the ticker says so in the status, and shows no bar.
+        clock.now += PROGRESS_AFTER - 0.1
+        wait_until(lambda: "0.9 s" in panel.status_html.value, "a tick at 0.9 s")
+        before.append(panel.progress.layout.display)
+        clock.now += 0.6  # past PROGRESS_AFTER: the next tick shows the bar
+        wait_until(lambda: panel.progress.layout.display == "flex", "the progress bar")
         seen.append(
             (
                 panel.progress.layout.display,
@@ -218,32 +251,30 @@ def test_progress_bar_shows_bytes_and_time_then_hides(mlp_ckpt, monkeypatch):
                 panel.phase,
             )
         )
-        gate.wait(30)
         return real(plan, target, progress=progress)
 
     monkeypatch.setattr(panel_module, "apply_plan", slow)
-    start = time.monotonic()
     panel.button.click()
-    while not seen and time.monotonic() - start < 30:
-        time.sleep(0.05)
-    gate.set()
     assert panel.wait(60) is not None
+    assert before == ["none"]
     ((display, text, disabled, phase),) = seen
     assert display == "flex" and disabled and phase == "running"
-    assert re.search(r"64 B of 104 B · [\d.]+ s", text), text
-    assert time.monotonic() - start >= PROGRESS_AFTER
+    assert re.search(r"64 B of 104 B · 1\.5 s", text), text
     assert panel.bar.value == pytest.approx(64 / 104)
     assert panel.progress.layout.display == "none" and not panel.button.disabled
     assert panel.phase == "done" and panel.status == "Restored 4 arrays (104 B)"
+    assert panel.elapsed == pytest.approx(PROGRESS_AFTER + 0.5)
+    assert "in 1.50 s" in panel.status_html.value
 
 
-def test_fast_restore_shows_no_progress_bar(mlp_ckpt):
+def test_fast_restore_shows_no_progress_bar(mlp_ckpt, clock):
+    """A restore that ends before PROGRESS_AFTER on the panel's clock never shows the bar."""
     panel = RestorePanel(ncw.inspect(mlp_ckpt), MLP(rngs=nnx.Rngs(0)))
     shown: list[Any] = []
     panel.progress.layout.observe(lambda c: shown.append(c["new"]), "display")
     panel.button.click()
     panel.wait(60)
-    assert panel.elapsed is not None and panel.elapsed < PROGRESS_AFTER
+    assert panel.phase == "done" and panel.elapsed == 0.0
     assert shown in ([], ["none"])
 
 
