@@ -84,7 +84,7 @@ def test_one_array_is_drawn_by_treescope(root):
     assert "treescope" in output["data"]["text/html"]
     assert browser.values.stats_report["head/kernel"].max == 10.0
     # One array: named once, counted once ("Values of 1 array of head/kernel: 1 array" before).
-    assert browser.values.status == "Values of head/kernel: 1 array (24 B): no NaN or Inf."
+    assert browser.values.status == "Values of head/kernel, 1 array (24 B): no NaN or Inf."
 
 
 def test_hostile_array_drawn_with_escaped_name(root):
