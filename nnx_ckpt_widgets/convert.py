@@ -664,8 +664,8 @@ def _check_destination(source: _Source, dst: Path, overwrite: bool) -> None:
             )
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise InvalidArgumentError(
-            f"dst {str(dst)!r} exists; pass overwrite=True to replace it, or choose another "
-            "destination."
+            f"dst {str(dst)!r} exists; pass overwrite=True (--overwrite) to replace it, or choose "
+            "another destination."
         )
 
 
@@ -762,6 +762,9 @@ def _write_safetensors(
                     got, array = next(arrays)
                     assert got is key
                     write_array(stream, array)
+        # Run the reader to its end: its last progress call, and the check that it is done.
+        leftover = next(arrays, None)
+        assert leftover is None, "the plan and the reader agree on the arrays"
     if len(plan.files) > 1:
         index = {
             "metadata": {"total_size": plan.total_size},
