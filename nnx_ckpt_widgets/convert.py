@@ -48,6 +48,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # numpy / ml_dtypes name -> safetensors spelling.
 SAFETENSORS_DTYPES = {name: code for code, (name, _) in DTYPES.items()}
+# How TensorStore words an operating-system error (a full disk: errno 28, or 27 past a file
+# size limit) when it raises it as a ValueError.
+_OS_ERROR = re.compile(r"os_error_code|No space left|File too large|Disk quota")
 _UNITS = {
     "": 1,
     "B": 1,
@@ -698,7 +701,13 @@ def _atomic(dst: Path, overwrite: bool) -> Iterator[Path]:
                     "it, or choose another destination."
                 )
             os.replace(target, tmp / "old")  # out of the way, then the new one in its place
-        os.replace(out, target)
+            try:
+                os.replace(out, target)
+            except BaseException:
+                os.replace(tmp / "old", target)  # the old one back: it is not ours to lose
+                raise
+        else:
+            os.replace(out, target)
     except OSError as err:
         raise StorageError(
             f"Writing {dst} failed ({first_line(err)}); nothing was left there (the temporary "
@@ -823,6 +832,12 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -
     except OSError:
         raise  # _atomic names the destination
     except Exception as err:  # Orbax's own errors, e.g. a value it cannot save
+        if _OS_ERROR.search(str(err)):  # TensorStore reports a full disk as a ValueError
+            raise StorageError(
+                f"Writing {plan.dst} failed ({type(err).__name__}: {first_line(err, 160)}); "
+                "nothing was left there (the temporary folder was removed): free some space or "
+                "choose another destination."
+            ) from err
         raise CheckpointError(
             f"Orbax could not save the converted arrays to {plan.dst} ({type(err).__name__}: "
             f"{first_line(err, 160)}); nothing was left there."
