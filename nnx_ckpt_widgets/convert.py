@@ -813,14 +813,20 @@ def write_array(stream: Any, array: Any) -> None:
 
 
 def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -> None:
+    import jax
     import orbax.checkpoint as ocp
 
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tree: dict[str, Any] = {}
     for key, array in _arrays(plan, source, progress):
         node = tree
         for part in key.out_path[:-1]:
             node = node.setdefault(part, {})
-        node[key.out_path[-1]] = array
+        # As jax.Arrays, as a training run saves them, so Orbax records their sharding and
+        # restores them as it restores any checkpoint; a dtype JAX would narrow (int64
+        # without jax_enable_x64) stays a NumPy array, which Orbax saves as it is.
+        kept = jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype
+        node[key.out_path[-1]] = array if kept else jax.device_put(array, device)
     meta = dict(plan.metadata) if plan.metadata is not None else None
     # Orbax takes the whole tree in one call: no streaming here (see the docstring).
     try:
