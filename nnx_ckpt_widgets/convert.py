@@ -309,12 +309,10 @@ def convert(
         with _atomic(dst_path, overwrite) as out:
             if fmt == "safetensors":
                 _write_safetensors(plan, source, out, single, callback)
-                for extra in extras:
-                    shutil.copyfile(extra, out / extra.name)
             else:
                 _write_orbax(plan, source, out, callback)
-                for extra in extras:
-                    shutil.copyfile(extra, out / extra.name)
+            for extra in extras:
+                shutil.copyfile(extra, out / extra.name)
     finally:
         close()
     return dataclasses.replace(plan, written=True)
@@ -542,7 +540,8 @@ def _plan(
             f"{source.where} holds {what}, which convert does not write; leave them out with "
             r"select=, e.g. select=r'^(?!.*rngs)'."
         )
-    # The same functions as compare: rename, then transform shapes through jax.eval_shape.
+    # The same functions as compare: rename, then transform shapes through jax.eval_shape
+    # (restore's other key options, when they come, pass through here the same way).
     selected = dataclasses.replace(info, leaves={leaf.path: leaf for leaf in chosen})
     report = build_report(selected, [], rename, transform)
     value_level = info.format == STATE_FORMAT
@@ -568,6 +567,12 @@ def _plan(
                 )
             out_path = path
         else:
+            if 0 in leaf.shape:
+                raise InvalidArgumentError(
+                    f"{source_key!r} of {source.where} has no elements {leaf.shape}, and Orbax "
+                    "cannot save an empty array; leave it out with select=, or write "
+                    "safetensors."
+                )
             name = entry.path
             out_path = path + ((_keypaths.VARIABLE_LEVEL,) if value_level else ())
         if name in names:
@@ -708,6 +713,8 @@ def _atomic(dst: Path, overwrite: bool) -> Iterator[Path]:
                 raise
         else:
             os.replace(out, target)
+    except CheckpointError:
+        raise  # the source's own errors (CheckpointNotFoundError is an OSError too)
     except OSError as err:
         raise StorageError(
             f"Writing {dst} failed ({first_line(err)}); nothing was left there (the temporary "
