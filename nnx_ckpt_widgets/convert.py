@@ -236,7 +236,8 @@ def convert(
     ``a/b/c`` become ``a.b.c``. They are streamed: arrays are read in bounded batches and
     written as they come, so memory stays near the largest array. Orbax output is saved by one
     Orbax call (``StandardCheckpointer`` for ``"orbax"``, ``ocp.v1.save`` for ``"orbax-v1"``),
-    which takes the whole tree: peak memory is then the size of the arrays converted.
+    which takes the whole tree: peak memory is then the size of the arrays converted. Typed
+    PRNG keys go to Orbax as keys.
 
     The output is written to a temporary folder beside ``dst`` and renamed into place when
     complete; on any failure it is removed, so ``dst`` is either complete or absent. ``src``
@@ -273,7 +274,8 @@ def convert(
     Raises:
       InvalidArgumentError: an option is not valid, ``select`` matches nothing, ``dst``
         exists (without ``overwrite``) or overlaps ``src``, or an array cannot be written
-        (a PRNG key, a non-array leaf, a dtype safetensors lacks).
+        (a non-array leaf; for safetensors a PRNG key or a dtype it lacks; for Orbax an
+        empty array).
       TransformError: a ``transform`` function raised, or returned another shape or dtype
         than it gave on the array's shape.
       StorageError: writing failed (a full disk, say); nothing was left at ``dst``.
@@ -498,7 +500,10 @@ def _live_source(src: Any) -> _Source:
             progress(0, total)
         for leaf in leaves:
             # One array at a time from device to host: memory stays near the largest array.
-            yield leaf, np.asarray(jax.device_get(values[leaf.path]))
+            value = values[leaf.path]
+            if leaf.key_impl is not None:
+                value = jax.random.key_data(value)  # as Orbax stores it (and reads it back)
+            yield leaf, np.asarray(jax.device_get(value))
             done += leaf.nbytes
             if progress is not None:
                 progress(done, total)
@@ -528,7 +533,9 @@ def _plan(
     chosen, skipped = select_leaves(list(info.leaves.values()), select, source.where)
     pattern = re.compile(select) if select is not None else None
     not_arrays = [n for n in source.not_arrays if pattern is None or pattern.search(n)]
-    keys = [leaf.name for leaf in chosen if leaf.key_impl is not None]
+    # Orbax saves typed PRNG keys (as their data plus the implementation's name); safetensors
+    # has no such type, and a key is no weight a Hub model could use.
+    keys = [leaf.name for leaf in chosen if leaf.key_impl is not None and fmt == "safetensors"]
     if not_arrays or keys:
         what = (
             f"{plural(len(keys), 'PRNG key array')} ({_preview(keys)})"
@@ -833,7 +840,11 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -
         # restores them as it restores any checkpoint; a dtype JAX would narrow (int64
         # without jax_enable_x64) stays a NumPy array, which Orbax saves as it is.
         kept = jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype
-        node[key.out_path[-1]] = array if kept else jax.device_put(array, device)
+        value = array if kept else jax.device_put(array, device)
+        impl = key.read_leaf.key_impl if key.read_leaf is not None else None
+        if impl is not None:  # a typed PRNG key again, so Orbax records its implementation
+            value = jax.random.wrap_key_data(value, impl=impl)
+        node[key.out_path[-1]] = value
     meta = dict(plan.metadata) if plan.metadata is not None else None
     # Orbax takes the whole tree in one call: no streaming here (see the docstring).
     try:

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -297,6 +298,25 @@ def test_prng_keys_refused_by_name_unless_select_leaves_them_out(tmp_path):
     assert sorted(library_tensors(tmp_path / "k" / "model.safetensors")) == sorted(
         k.key for k in plan.keys
     )
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "orbax-v1"])
+def test_prng_keys_go_to_orbax_as_keys(tmp_path, fmt):
+    """Orbax saves typed keys: a model with nnx.Rngs and a Dropout's keys converts whole, from a
+    live model and from a checkpoint, and restores bit for bit, key implementations included."""
+    model = make_bnnet(3)
+    ncw.convert(model, tmp_path / "live", to=fmt, progress=False)
+    save_checkpoint(tmp_path / "v0", nnx.state(model))
+    ncw.convert(tmp_path / "v0", tmp_path / "from_ckpt", to=fmt, progress=False)
+    for out in ("live", "from_ckpt"):
+        info = ncw.inspect(tmp_path / out)
+        assert info.leaves[("rngs", "default", "key")].key_impl == "threefry2x32"
+        target = make_bnnet(0)
+        ncw.restore(tmp_path / out, target)
+        assert_same_arrays(model, target)
+        assert jax.random.key_impl(target.rngs.default.key.get_value()) == jax.random.key_impl(
+            model.rngs.default.key.get_value()
+        )
 
 
 def test_non_array_leaves_refused_by_name(tmp_path):
