@@ -5,14 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 LAB_PORT ?= 8888
+LAB_DIR ?= lab
 PYTEST := $(BIN)/python -m pytest
 # The floor: the oldest versions pyproject.toml admits, pinned in constraints-oldest.txt.
 OLDEST ?= .venv-oldest
 
-.PHONY: help lab test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium openmpi zh clean
+.PHONY: help lab lab-reset test test-oldest lint typecheck unit nbval browser bench bench-smoke chromium openmpi zh clean
 
 help:
-	@echo "make lab    - install into $(VENV) and open JupyterLab on notebooks/"
+	@echo "make lab    - install into $(VENV) and serve JupyterLab on $(LAB_DIR)/, a git-ignored copy of notebooks/ (prints the URL)"
+	@echo "make lab-reset - replace $(LAB_DIR)/ with a fresh copy of notebooks/"
 	@echo "make test   - install into $(VENV) and run lint, unit tests, nbval, browser tests, then test-oldest"
 	@echo "make test-oldest - run the unit tests on the oldest supported versions ($(OLDEST))"
 	@echo "make bench  - run the benchmark suite (prints ratios, writes benchmarks/results.json)"
@@ -29,10 +31,27 @@ $(VENV)/.test-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
-# Root (as in a container) needs --allow-root; JupyterLab listens on localhost only.
-lab: $(VENV)/.lab-installed
-	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ServerApp.port=$(LAB_PORT) \
+# The tutorials are served from $(LAB_DIR)/, a git-ignored working copy of notebooks/, so that
+# running them (JupyterLab autosaves) never rewrites the tracked notebooks, which are nbval's
+# fixtures. The copy is made when it is missing and kept after that, with your edits;
+# `make lab-reset` replaces it with a fresh copy of notebooks/.
+# Root (as in a container) needs --allow-root; JupyterLab listens on localhost only and prints
+# the URL to open (with its token); it opens no browser.
+lab: $(VENV)/.lab-installed $(LAB_DIR)/.copied
+	@echo "Serving $(LAB_DIR)/, a working copy of notebooks/ (refresh it with make lab-reset)."
+	$(BIN)/jupyter lab --notebook-dir=$(LAB_DIR) --no-browser --ServerApp.port=$(LAB_PORT) \
 	  --ServerApp.port_retries=50 $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+# cp -R keeps notebooks/zh/scripts a relative symbolic link (to ../scripts), valid in the copy.
+$(LAB_DIR)/.copied:
+	rm -rf $(LAB_DIR)
+	mkdir -p $(LAB_DIR)
+	cp -R notebooks/. $(LAB_DIR)/
+	touch $@
+
+lab-reset:
+	rm -rf $(LAB_DIR)
+	$(MAKE) $(LAB_DIR)/.copied
 
 test: $(VENV)/.test-installed chromium openmpi
 	$(MAKE) lint typecheck unit nbval browser bench-smoke test-oldest

@@ -764,6 +764,251 @@ def case_bucket_big(tmp: Path, size: Size) -> list[Result]:
     ]
 
 
+def hostile_headers(tmp: Path, size: Size) -> tuple[Path, Path]:
+    """A safetensors file of :func:`_header_entries` one-element tensors (a header of about
+    60 MB at full size) written by the ``safetensors`` package, and a copy whose header
+    gains one last entry of the unknown dtype ``Q7``."""
+    if "hostile" not in _cache:
+        from safetensors.numpy import save_file
+
+        count = _header_entries(size)
+        valid = tmp / "many.safetensors"
+        save_file({f"h.{i}": np.zeros(1, np.float32) for i in range(count)}, valid)
+        raw = valid.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = raw[8 : 8 + length].rstrip()
+        header = header[:-1] + b',"z":{"dtype":"Q7","shape":[0],"data_offsets":[0,0]}}'
+        header += b" " * (-len(header) % 8)
+        hostile = tmp / "hostile.safetensors"
+        hostile.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + length :])
+        _cache["hostile"] = valid
+        _cache["hostile_q7"] = hostile
+    return _cache["hostile"], _cache["hostile_q7"]
+
+
+def _header_entries(size: Size) -> int:
+    return 10**6 if size.leaves >= 10_000 else 2_000
+
+
+def _header_json(path: Path) -> object:
+    raw = path.read_bytes()
+    return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
+# The child's memory growth in KiB over one call: its peak (VmHWM, reset just before through
+# /proc/self/clear_refs) less its resident set before the call.
+_GROWTH_CODE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import numpy
+import nnx_ckpt_widgets as nw
+from benchmarks.cases import _header_json
+from pathlib import Path
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")
+before = kib("VmRSS")
+if {side!r} == "json.loads":
+    kept = _header_json(Path({path!r}))
+elif {side!r} == "inspect":
+    kept = nw.inspect({path!r})
+else:
+    try:
+        nw.inspect({path!r})
+    except nw.CorruptCheckpointError:
+        pass
+    else:
+        raise SystemExit("the hostile header was accepted")
+print(kib("VmHWM") - before)
+"""
+
+
+def case_hostile_header(tmp: Path, size: Size) -> list[Result]:
+    """A hostile safetensors header (10^6 valid entries, then one of dtype Q7) fails, and the
+    valid one inspects, against ``json.loads`` of the same bytes: time and memory growth."""
+    import gc
+
+    import nnx_ckpt_widgets as nw
+
+    valid, hostile = hostile_headers(tmp, size)
+    count = _header_entries(size)
+    assert len(nw.inspect(valid)) == count
+
+    def refused() -> None:
+        try:
+            nw.inspect(hostile)
+        except nw.CorruptCheckpointError as err:
+            assert "Q7" in str(err)
+        else:
+            raise AssertionError("the hostile header was accepted")
+
+    def loads_without_gc() -> None:
+        gc.disable()
+        try:
+            _header_json(hostile)
+        finally:
+            gc.enable()
+
+    repeats = min(size.repeats, 3)
+    fail_t, loads_t = alternate(refused, lambda: _header_json(hostile), repeats)
+    inspect_t, loads_valid_t = alternate(
+        lambda: nw.inspect(valid), lambda: _header_json(valid), repeats
+    )
+    _, loads_nogc_t = alternate(refused, loads_without_gc, 1, warmup=0)
+    growth: dict[str, list[int]] = {"json.loads": [], "inspect": [], "refused": []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for side in ("json.loads", "refused", "inspect")[:: 1 if i % 2 == 0 else -1]:
+            path = hostile if side != "inspect" else valid
+            code = _GROWTH_CODE.format(repo=str(REPO), side=side, path=str(path))
+            growth[side].append(int(run_python(code).split()[-1]))
+    fail_kib, ref_kib, inspect_kib = (
+        sorted(growth[k])[len(growth[k]) // 2] for k in ("refused", "json.loads", "inspect")
+    )
+    mb = hostile.stat().st_size / 1e6
+    what = f"{count:,} entries, {mb:.0f} MB"
+    return [
+        Result(30, f"hostile header refused ({what}) vs json.loads", fail_t, loads_t, target=1.5),
+        Result(
+            30,
+            "hostile header refused: memory growth vs json.loads",
+            fail_kib / 1024,
+            ref_kib / 1024,
+            "MiB",
+            2.0,
+        ),
+        Result(
+            30,
+            f"valid header inspected ({what}) vs json.loads",
+            inspect_t,
+            loads_valid_t,
+            target=2.0,
+        ),
+        Result(
+            30,
+            "valid header inspected: memory growth vs json.loads",
+            inspect_kib / 1024,
+            ref_kib / 1024,
+            "MiB",
+        ),
+        Result(
+            30,
+            "json.loads with the garbage collector paused, vs json.loads",
+            loads_nogc_t,
+            loads_t,
+            note="what pausing the collector (as the header reader does) is worth on its own",
+        ),
+    ]
+
+
+# --- issue 25: unstack a scanned checkpoint into a per-layer model ---------------------------
+
+LAYER_COUNT = 8
+LAYER_NAMES = ("wq", "wk", "wv", "wo")
+
+
+def _layer_models(size: Size):
+    """A scanned model (each of 4 arrays stacked over 8 layers: 1 GiB at full size) and the
+    per-layer model of the same weights."""
+    from flax import nnx
+
+    rows = size.side // 2
+
+    class Scanned(nnx.Module):
+        def __init__(self, seed: int):
+            rng = np.random.default_rng(seed)
+            for name in LAYER_NAMES:
+                shape = (LAYER_COUNT, rows, size.side)
+                setattr(self, name, nnx.Param(rng.standard_normal(shape, dtype=np.float32)))
+
+    class Layer(nnx.Module):
+        def __init__(self):
+            for name in LAYER_NAMES:
+                setattr(self, name, nnx.Param(np.zeros((rows, size.side), np.float32)))
+
+    class PerLayer(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([Layer() for _ in range(LAYER_COUNT)])
+
+    return Scanned, PerLayer
+
+
+def scanned_checkpoint(tmp: Path, size: Size) -> Path:
+    if "scanned" not in _cache:
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        scanned_cls, _ = _layer_models(size)
+        path = tmp / "scanned"
+        # Saved as a per-layer model's stacked twin: layers/wq holds all 8 layers on axis 0.
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, {"layers": nnx.state(scanned_cls(0)).to_pure_dict()})
+        _cache["scanned"] = path
+    return _cache["scanned"]
+
+
+UNSTACK = {r"^layers/(\d+/)": 0}
+
+_LAYERS_RSS_CODE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+from flax import nnx
+import nnx_ckpt_widgets as nw
+from benchmarks.cases import Size, _layer_models, UNSTACK
+size = Size(**json.loads({size!r}))
+scanned_cls, per_layer_cls = _layer_models(size)
+if {ours!r}:
+    model = nnx.eval_shape(per_layer_cls)
+    nw.restore({path!r}, model, unstack=UNSTACK)
+    jax.block_until_ready(model.layers[0].wq[...])
+else:
+    model = nnx.eval_shape(lambda: scanned_cls(1))
+    nw.restore({path!r}, model, rename={{"^layers/": ""}})
+    jax.block_until_ready(model.wq[...])
+{peak}
+"""
+
+
+def case_unstack(tmp: Path, size: Size) -> list[Result]:
+    """Unstack an 8-layer scanned checkpoint into a per-layer model vs a plain restore of it."""
+    from flax import nnx
+
+    import nnx_ckpt_widgets as nw
+
+    path = scanned_checkpoint(tmp, size)
+    scanned_cls, per_layer_cls = _layer_models(size)
+    per_layer = per_layer_cls()
+    scanned = nnx.eval_shape(lambda: scanned_cls(1))
+
+    def ours():
+        nw.restore(path, per_layer, unstack=UNSTACK)
+
+    def plain():
+        nw.restore(path, scanned, rename={"^layers/": ""})
+
+    ours_t, plain_t = alternate(ours, plain, size.repeats)
+    for i, layer in enumerate(per_layer.layers):  # bit for bit, every layer
+        np.testing.assert_array_equal(layer.wq[...], np.asarray(scanned.wq[...])[i])
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for side in (True, False) if i % 2 == 0 else (False, True):
+            code = _LAYERS_RSS_CODE.format(
+                repo=str(REPO), size=size_json, ours=side, path=str(path), peak=PEAK_KIB
+            )
+            peaks[side].append(int(run_python(code).split()[-1]))
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    return [
+        Result(25, "unstack 8 layers into a per-layer model", ours_t, plain_t, target=1.2),
+        Result(
+            25, "peak RSS of that unstack (VmHWM)", ours_kib / 1024, ref_kib / 1024, "MiB", 1.15
+        ),
+    ]
+
+
 ALL = [
     (1, case_inspect_big),
     (2, case_restore),
@@ -781,6 +1026,8 @@ ALL = [
     (15, case_stats),
     (16, case_diff),
     (17, case_stats_select),
+    (25, case_unstack),
+    (30, case_hostile_header),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from nnx_ckpt_widgets import _versions
 from nnx_ckpt_widgets.compare import KeyStatus, LoadReport, compare
 from nnx_ckpt_widgets.convert import ConvertedKey, ConvertPlan, convert
-from nnx_ckpt_widgets.diff import ArrayDiff, DiffEntry, DiffReport, diff
+from nnx_ckpt_widgets.diff import LARGE_CHANGE, ArrayDiff, DiffEntry, DiffReport, diff
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -29,6 +29,7 @@ from nnx_ckpt_widgets.errors import (
     UnknownLayoutError,
     UnsafeFormatError,
 )
+from nnx_ckpt_widgets.health import StepHealth, StepsReport, check_steps
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, StepInfo, inspect
 from nnx_ckpt_widgets.plan import PlannedKey, Refusal, RestoreOptions, RestorePlan
 from nnx_ckpt_widgets.restore import apply_plan, apply_report, load, restore
@@ -54,6 +55,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "LARGE_CHANGE",
     "ArrayDiff",
     "ArrayStats",
     "CheckpointBrowser",
@@ -80,7 +82,9 @@ __all__ = [
     "ShardingMismatchError",
     "SideBySide",
     "StatsReport",
+    "StepHealth",
     "StepInfo",
+    "StepsReport",
     "StorageError",
     "TargetError",
     "TransformError",
@@ -89,6 +93,7 @@ __all__ = [
     "__version__",
     "apply_plan",
     "apply_report",
+    "check_steps",
     "compare",
     "compare_states",
     "convert",

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from nnx_ckpt_widgets.errors import CheckpointError, InvalidArgumentError, first_line
 from nnx_ckpt_widgets.plan import MISSING_POLICIES, UNEXPECTED_POLICIES
@@ -102,6 +105,25 @@ def _parser() -> argparse.ArgumentParser:
                 help="with --lenient: ignore the checkpoint's extra keys, or refuse them",
             )
             sub.add_argument("--cast", action="store_true", help="allow dtype casts")
+            sub.add_argument(
+                "--rename",
+                nargs=2,
+                action="append",
+                metavar=("REGEX", "REPLACEMENT"),
+                help="map checkpoint keys before matching (repeatable), as rename= does",
+            )
+            for option, words in (
+                ("stack", "per-layer checkpoint keys into one stacked model array"),
+                ("unstack", "a stacked checkpoint array into per-layer model arrays"),
+            ):
+                sub.add_argument(
+                    f"--{option}",
+                    nargs=2,
+                    action="append",
+                    metavar=("REGEX", "AXIS"),
+                    help=f"{words} (repeatable), as {option}= does, e.g. "
+                    "'^decoder/layers/(\\d+/)' 1",
+                )
     return parser
 
 
@@ -170,10 +192,67 @@ def _diff_items(items: list[str] | None) -> str | tuple[str | None, str | None] 
     return item_a, item_b
 
 
-def _json(data: object) -> str:
-    import json
+def _axes(pairs: list[list[str]] | None) -> dict[str, int]:
+    """``--stack REGEX AXIS`` pairs as the ``stack=`` mapping."""
+    out = {}
+    for pattern, axis in pairs or ():
+        try:
+            out[pattern] = int(axis)
+        except ValueError as err:
+            raise InvalidArgumentError(
+                f"The axis after {pattern!r} must be an integer, got {axis!r}."
+            ) from err
+    return out
 
-    return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+def _finite(data: object) -> object:
+    """``data`` with every non-finite float as ``None``, as ``stats`` and ``diff`` write them:
+    ``NaN`` and ``Infinity`` are not JSON (a config.json may hold them; Python reads them)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _json(data: object, ascii_only: bool = False) -> str:
+    """Strict JSON (``allow_nan=False``); checkpoint metadata is nested at most 64 deep, so
+    the recursion here is bounded."""
+    return json.dumps(
+        _finite(data),
+        indent=2,
+        sort_keys=True,
+        default=str,
+        ensure_ascii=ascii_only,
+        allow_nan=False,
+    )
+
+
+def _encodable(text: str, stream: TextIO) -> bool:
+    try:
+        text.encode(stream.encoding or "utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _print(text: str, stream: TextIO | None = None) -> None:
+    """Print text from a checkpoint whatever it holds: a lone surrogate (``"w\\ud800"``, valid
+    in JSON) or a character the stream cannot encode is written as a backslash escape."""
+    stream = sys.stdout if stream is None else stream
+    if not _encodable(text, stream):
+        encoding = stream.encoding or "utf-8"
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    print(text, file=stream)
+
+
+def _print_json(data: object) -> None:
+    """Print ``data`` as JSON; where the stream cannot take a string as it is (a lone
+    surrogate), every non-ASCII character is written as a JSON ``\\u`` escape instead."""
+    text = _json(data)
+    _print(text if _encodable(text, sys.stdout) else _json(data, ascii_only=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,7 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = stats(
                 args.path, step=args.step, item=args.item, select=args.select, progress=progress
             )
-            print(_json(found.as_dict()) if args.json else found)
+            if args.json:
+                _print_json(found.as_dict())
+            else:
+                _print(str(found))
             return NAN_EXIT if args.fail_on_nan and not found.ok else 0
         if args.command == "diff":
             if args.other is None and args.steps is None:
@@ -221,11 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 select=args.select,
                 progress=False if args.no_progress else None,
             )
-            print(_json(changes.as_dict()) if args.json else changes)
+            if args.json:
+                _print_json(changes.as_dict())
+            else:
+                _print(str(changes))
             return NAN_EXIT if args.fail_on_nan and changes.nonfinite_b else 0
         if args.command == "inspect":
             info = inspect(args.path, step=args.step, item=args.item)
-            print(_json(info.as_dict()) if args.json else info)
+            if args.json:
+                _print_json(info.as_dict())
+            else:
+                _print(str(info))
         else:
             from flax import nnx
 
@@ -237,7 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"The model factory {args.model!r} failed ({type(err).__name__}: "
                     f"{first_line(err)}); it must take no arguments and return an NNX model."
                 ) from err
-            report = compare(args.path, target, step=args.step, item=args.item)
+            report = compare(
+                args.path,
+                target,
+                step=args.step,
+                item=args.item,
+                rename=dict(args.rename or ()),
+                stack=_axes(args.stack),
+                unstack=_axes(args.unstack),
+            )
             plan = report.plan(
                 strict=not args.lenient,
                 missing=args.missing,
@@ -245,11 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cast=args.cast,
             )
             if args.json:
-                print(_json({**report.as_dict(), "plan": plan.as_dict()}))
+                _print_json({**report.as_dict(), "plan": plan.as_dict()})
             else:
-                print(f"{report}\nPlan ({'lenient' if args.lenient else 'strict'}): {plan}")
+                _print(f"{report}\nPlan ({'lenient' if args.lenient else 'strict'}): {plan}")
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print(f"error: {err}", sys.stderr)
         return 1
     return 0
 

@@ -15,7 +15,10 @@ hang. ``NNX_CKPT_GCS_TIMEOUT`` (seconds, default 60) sets the bound.
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -131,8 +134,61 @@ def _is_connection_error(err: BaseException) -> bool:
     return module.startswith("aiohttp") and "Connect" in type(err).__name__
 
 
+# Endpoints that accepted a connection lately (monotonic time): probed again after this long.
+_REACHED: dict[tuple[str, int], float] = {}
+_PROBE_EVERY = 10.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _endpoint() -> tuple[str, int]:
+    """Host and port gcsfs sends its requests to: the one configured for fsspec's ``gs``, the
+    emulator's, or Google's."""
+    import fsspec.config
+
+    url = str(fsspec.config.conf.get("gs", {}).get("endpoint_url") or "")
+    url = url or os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if url in ("", "default"):
+        url = "https://storage.googleapis.com"
+    elif "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def forget_endpoints() -> None:
+    """Probe every endpoint again on the next call (the emulator calls it when it stops)."""
+    _REACHED.clear()
+
+
+def _check_reachable(path: Any) -> None:
+    """Fail at once when the storage endpoint refuses connections or its name does not resolve.
+
+    gcsfs retries such a request six times with backoff, about 33 s, before it gives up (a
+    browser whose emulator was stopped would spin that long on a click). A refused connection
+    or an unknown host is a definite answer, so one TCP connect settles it. Anything slower or
+    less definite (a timeout, a proxy in the way) is left to gcsfs and :func:`timeout`.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARS):
+        return  # the proxy, not this machine, reaches the endpoint
+    host, port = _endpoint()
+    last = _REACHED.get((host, port))
+    if last is not None and time.monotonic() - last < _PROBE_EVERY:
+        return
+    try:
+        socket.create_connection((host, port), timeout=min(timeout(), 5.0)).close()
+    except (ConnectionRefusedError, socket.gaierror) as err:
+        raise StorageError(
+            f"Cannot read {path}: the storage endpoint {host}:{port} cannot be reached "
+            f"({err.strerror or err}); check the network, or that the storage emulator is running."
+        ) from err
+    except OSError:
+        return  # not definite: gcsfs tries, within the timeout
+    _REACHED[(host, port)] = time.monotonic()
+
+
 def _call(path: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """A gcsfs call with the timeout; transport failures become :class:`StorageError`."""
+    _check_reachable(path)
     try:
         return fn(*args, timeout=timeout(), **kwargs)
     except FileNotFoundError:
@@ -246,6 +302,7 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
     """
     import contextvars
 
+    _check_reachable(path)  # Orbax's own listings go through gcsfs and its 33 s of retries
     outcome: list[Any] = []
     context = contextvars.copy_context()  # Orbax v1's Context (the layout to read) is one
 

@@ -48,6 +48,29 @@ def join(path: Sequence[str]) -> str:
     return SEP.join(path)
 
 
+def quote(part: str) -> str:
+    """A key as shown: quoted when it holds ``/`` itself (Gemma's flat
+    ``'transformer/layer_0/attn/q_einsum'``), so it cannot be read as nesting."""
+    return repr(part) if SEP in part else part
+
+
+def show(path: Sequence[str]) -> str:
+    """A key path as shown to people, unambiguous: ``'transformer/layer_0'/w``."""
+    return SEP.join(quote(part) for part in path)
+
+
+def has_slash(path: Sequence[str]) -> bool:
+    """Whether one of the keys of ``path`` holds ``/`` itself."""
+    return any(SEP in part for part in path)
+
+
+def spelled(path: Sequence[str]) -> KeyPath:
+    """The nested key path that keys holding ``/`` spell: ``('a/b', 'w')`` -> ``('a', 'b',
+    'w')``. A flat dict saved with ``/`` in its keys (Gemma's releases) matches the nested
+    model keys this way."""
+    return split(join(path))
+
+
 def fold(paths: Iterable[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
     """Fold repeated layer indices: ``layers/0/w`` .. ``layers/47/w`` -> ``layers/{0..47}/w``.
 
@@ -76,7 +99,7 @@ def fold(paths: Iterable[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
 def _fold_group(members: list[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
     """Fold paths that differ only in their integer parts (same length, same other parts)."""
     if len(members) == 1:
-        return [(join(members[0]), members)]
+        return [(show(members[0]), members)]
     values = {
         position: sorted({int(m[position]) for m in members})
         for position, part in enumerate(members[0])
@@ -94,7 +117,7 @@ def _fold_group(members: list[KeyPath]) -> list[tuple[str, list[KeyPath]]]:
         _span(values[position]) if position in varying else part
         for position, part in enumerate(members[0])
     ]
-    return [(join(parts), members)]
+    return [(show(parts), members)]
 
 
 def _span(values: list[int]) -> str:

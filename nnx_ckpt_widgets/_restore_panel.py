@@ -65,12 +65,19 @@ class RestorePanel(w.VBox):
         *,
         rename: Mapping[str, str] | None = None,
         transform: Mapping[str, Transform] | None = None,
+        stack: Mapping[str, int] | None = None,
+        unstack: Mapping[str, int] | None = None,
     ):
         self.model = model
         self.targets = flatten_target(model)
         self.info = info
-        self.rename, self.transform = rename, transform
-        self.report: LoadReport = build_report(info, self.targets, rename, transform)
+        self._keys: dict[str, Any] = {
+            "rename": rename,
+            "transform": transform,
+            "stack": stack,
+            "unstack": unstack,
+        }
+        self.report: LoadReport = build_report(info, self.targets, **self._keys)
         self.error: BaseException | None = None
         self.result: LoadReport | None = None
         self.elapsed: float | None = None  # seconds the last restore took
@@ -129,7 +136,7 @@ class RestorePanel(w.VBox):
     def set_info(self, info: CheckpointInfo) -> None:
         """Compare another step or item with the model; a running restore is not touched."""
         self.info = info
-        self.report = build_report(info, self.targets, self.rename, self.transform)
+        self.report = build_report(info, self.targets, **self._keys)
         self._show_plan()
 
     def options(self) -> dict[str, Any]:

@@ -86,8 +86,10 @@ def as_path(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
 
 
 def absolute(path: AnyPath) -> AnyPath:
-    """``path`` made absolute, as Orbax requires; a URL already is."""
-    return path.absolute() if isinstance(path, Path) else path
+    """``path`` as Orbax and TensorStore need it: absolute, with ``..`` and symlinks resolved
+    (TensorStore rejects a file path holding ``..``); a URL is returned as is. Only what is
+    handed to them is normalised: every message shows the path as the user gave it."""
+    return path.resolve() if isinstance(path, Path) else path
 
 
 def is_bucket(path: AnyPath) -> bool:
@@ -123,7 +125,11 @@ def listdir(path: AnyPath) -> Listing | None:
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                (dirs if entry.is_dir() else files).add(entry.name)
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symlink loop: no folder; the layout that meets it says so
+                    is_dir = False
+                (dirs if is_dir else files).add(entry.name)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
@@ -203,22 +209,23 @@ def concurrently(path: AnyPath, fn: Callable[[R], T], items: Iterable[R]) -> lis
 
 
 def read_json(file: AnyPath, what: str) -> Any:
-    """Parse a small JSON file of a checkpoint.
+    """Parse a small JSON file of a checkpoint, as hostile input (see
+    :func:`nnx_ckpt_widgets._untrusted.parse_json`: depth bounded, no ``RecursionError``).
 
     Raises:
-      CorruptCheckpointError: it cannot be read or is not JSON.
+      CorruptCheckpointError: it cannot be read, is not JSON, or nests too deep.
     """
-    import json
-
+    from nnx_ckpt_widgets._untrusted import parse_json
     from nnx_ckpt_widgets.errors import CorruptCheckpointError
 
     try:
-        return json.loads(read_bytes(file))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raw = read_bytes(file)
+    except OSError as err:
         raise CorruptCheckpointError(
-            f"Checkpoint at {file.parent} is damaged: {file.name} ({what}) is not valid JSON; "
-            "restore it from a copy or save it again."
+            f"Checkpoint at {file.parent} is damaged: {file.name} ({what}) cannot be read "
+            f"({err.strerror or err}); restore it from a copy or save it again."
         ) from err
+    return parse_json(raw, file, what)
 
 
 def size(path: AnyPath) -> int:

@@ -92,9 +92,12 @@ def where(path: object, step: int | None, item: str | None, steps: Sequence[Step
     return ", ".join(parts)
 
 
-def sizes_text(arrays: int, params: int, nbytes: int) -> str:
-    """``4 arrays, 26 params, 104 B``: the one header every view prints."""
-    return f"{plural(arrays, 'array')}, {plural(params, 'param')}, {human_bytes(nbytes)}"
+def sizes_text(arrays: int, params: int, nbytes: int, rng: int = 0) -> str:
+    """``4 arrays, 26 params, 104 B``: the one header every view prints. ``rng`` arrays of RNG
+    state (keys and their counters) are no parameters and are counted apart:
+    ``6 arrays, 26 params (+ 2 arrays of RNG state), 116 B``."""
+    state = f" (+ {plural(rng, 'array')} of RNG state)" if rng else ""
+    return f"{plural(arrays, 'array')}, {plural(params, 'param')}{state}, {human_bytes(nbytes)}"
 
 
 def children(paths: Iterable[Sequence[Hashable]]) -> dict[tuple, list]:

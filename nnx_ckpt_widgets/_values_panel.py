@@ -171,7 +171,9 @@ class ValuesPanel(w.VBox):
         if array is not None:
             self.array = array
             self.array_output.outputs = (_array_output(leaves[0], array),)
-        self._set_status("done" if report.ok else "warn", f"Values of {what}: {report.summary()}")
+        # The summary counts the arrays: "Values of linear1: 2 arrays (128 B): no NaN or Inf."
+        where = name or "the checkpoint"
+        self._set_status("done" if report.ok else "warn", f"Values of {where}: {report.summary()}")
 
     def _run_diff(self, name: str, leaves: Sequence[LeafInfo], other: int) -> None:
         info = self.info
@@ -182,7 +184,7 @@ class ValuesPanel(w.VBox):
         self.diff_report = report
         self.result_html.value = diff_html(report)
         self.array_output.outputs = ()
-        state = "warn" if report.nonfinite_b else "done"
+        state = "done" if report.ok else "warn"  # NaN, Inf or a blow-up is never green
         self._set_status(state, f"Step {other} → step {info.step}: {report.summary()}")
 
     def _set_status(self, state: str, text: str) -> None:

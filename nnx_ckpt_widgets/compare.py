@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._layers import LayerSource, apply_layers
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
 from nnx_ckpt_widgets.errors import (
     InvalidArgumentError,
@@ -19,6 +21,7 @@ from nnx_ckpt_widgets.errors import (
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
 if TYPE_CHECKING:
+    from nnx_ckpt_widgets._layers import Suggestion
     from nnx_ckpt_widgets.plan import RestorePlan
 
 __all__ = ["KeyStatus", "LoadReport", "TargetLeaf", "compare", "flatten_target"]
@@ -91,6 +94,7 @@ class KeyStatus:
     transforms: tuple[Callable[[Any], Any], ...] = dataclasses.field(
         default=(), repr=False, compare=False
     )
+    layers: LayerSource | None = None
 
     @property
     def detail(self) -> str:
@@ -106,6 +110,8 @@ class KeyStatus:
             text = f"{shape_text(ckpt.shape)} {ckpt.dtype}"
         if self.stored is not None:
             text += f", transformed from {shape_text(self.stored.shape)} {self.stored.dtype}"
+        if self.layers is not None:
+            text += f" ← {self.layers.text}"
         return text
 
     @property
@@ -114,10 +120,23 @@ class KeyStatus:
         return self.stored if self.stored is not None else self.checkpoint
 
     @property
-    def nbytes(self) -> int:
-        """Bytes a restore reads for this key (0 unless the checkpoint holds it)."""
+    def read_leaves(self) -> tuple[LeafInfo, ...]:
+        """The stored arrays a restore reads for this key: one, or the layers it stacks (an
+        unstacked key shares its stacked array with the other layers)."""
+        if self.layers is not None:
+            return self.layers.parts
         leaf = self.read_leaf
-        return leaf.nbytes if leaf is not None else 0
+        return (leaf,) if leaf is not None else ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a restore reads for this key (0 unless the checkpoint holds it); an
+        unstacked key counts its share of the stacked array."""
+        layers = self.layers
+        if layers is not None and layers.kind == "unstack":
+            stacked = layers.parts[0]
+            return stacked.nbytes // max(stacked.shape[layers.axis], 1)
+        return sum(leaf.nbytes for leaf in self.read_leaves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +154,12 @@ class LoadReport:
     item: str | None = None
     restored_arrays: int | None = None
     restored_bytes: int | None = None
+    notes: tuple[str, ...] = ()
     info: CheckpointInfo | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Why the layers given to stack= or unstack= cannot be combined (gaps, duplicates, counts).
+    layer_problems: tuple[str, ...] = ()
+    # The key options the report was built with: rename, transform, stack, unstack.
+    key_options: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     # The target's keys whose values are abstract (nnx.eval_shape): nothing to keep there.
     abstract_keys: frozenset[str] = dataclasses.field(
         default=frozenset(), repr=False, compare=False
@@ -176,8 +200,9 @@ class LoadReport:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes a restore reads from the checkpoint."""
-        return sum(e.nbytes for e in self.to_read)
+        """Bytes a restore reads from the checkpoint, each stored array counted once."""
+        stored = {leaf.stored_path: leaf.nbytes for e in self.to_read for leaf in e.read_leaves}
+        return sum(stored.values())
 
     @property
     def action_counts(self) -> dict[Action, int]:
@@ -225,8 +250,15 @@ class LoadReport:
         if self.ok:
             return f"All {len(self.entries)} keys match: restore(path, model) will load them."
         todo = []
-        if self.shape_mismatched:
-            todo.append("shapes differ: change the model or map keys with rename={...}")
+        shaped = [e for e in self.entries if e.status == "shape mismatch"]
+        if any(e.transformed for e in shaped):
+            todo.append("shapes still differ after transform=: fix its function or the model")
+        elif shaped:
+            # The names already match, so rename= cannot help: the arrays need reshaping.
+            todo.append(
+                "shapes differ under matching names: change the model, or reshape the arrays "
+                "on load with transform={pattern: function}"
+            )
         if self.missing:
             todo.append("keep the model's values for missing keys with strict=False")
         if self.unexpected:
@@ -235,8 +267,55 @@ class LoadReport:
             )
         if self.dtype_mismatched:
             todo.append("allow dtype casts with cast=True")
+        found = self.suggestion
+        if found is not None and not self.layer_problems:
+            return f"It looks like {found.why}: pass {found.code}."
+        if self.layer_problems:
+            todo.insert(0, f"fix stack=/unstack=: {self.layer_problems[0]}")
         hint = self.linen_hint
         return "To load it: " + "; ".join(todo) + "." + (f" {hint}" if hint else "")
+
+    @functools.cached_property
+    def suggestion(self) -> Suggestion | None:
+        """Arguments that make more keys match, when the mismatch has a known shape: a scanned
+        checkpoint and a per-layer model (``unstack=``) or the reverse (``stack=``), a prefix
+        such as MaxText's ``params/params/``, ``layers_0`` against ``layers/0``. Each is tried
+        on the metadata before it is offered; ``kwargs`` are the full key options to pass
+        (``restore(path, model, **report.suggestion.kwargs)``) and ``code`` is the part to
+        add, as Python."""
+        info = self.info
+        if info is None or not self.missing or not self.unexpected:
+            return None
+        from nnx_ckpt_widgets._layers import Suggestion, suggest
+
+        missing, unexpected, targets = {}, {}, []
+        for e in self.entries:
+            if e.status == "unexpected":
+                assert e.checkpoint is not None
+                unexpected[_keypaths.split(e.path)] = (e.checkpoint.shape, e.checkpoint.dtype)
+                continue
+            shape, dtype = e.target_shape or (), e.target_dtype or ""
+            path = _keypaths.split(e.path)
+            targets.append(TargetLeaf(path, (), None, shape, dtype))
+            if e.status == "missing":
+                missing[path] = (shape, dtype)
+        base = self.key_options
+
+        def merged(extra: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
+            out = dict(base)
+            for name, mapping in extra.items():
+                out[name] = {**(base.get(name) or {}), **mapping}
+            return out
+
+        def rebuild(extra: dict[str, dict[str, object]]) -> int:
+            report = build_report(info, targets, **merged(extra))
+            return 0 if report.layer_problems else len(report.matched)
+
+        found = suggest(missing, unexpected, rebuild)
+        if found is None:
+            return None
+        full = {k: v for k, v in merged(found.kwargs).items() if v}
+        return Suggestion(full, found.why, code_of=tuple(found.kwargs))
 
     @property
     def linen_hint(self) -> str | None:
@@ -285,6 +364,7 @@ class LoadReport:
             "ok": self.ok,
             "counts": self.counts,
             "advice": self.advice,
+            "notes": list(self.notes),
             "entries": [
                 {
                     "key": e.path,
@@ -523,10 +603,15 @@ def build_report(
     target_leaves: list[TargetLeaf],
     rename: Mapping[str, str] | None = None,
     transform: Mapping[str, Transform] | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
-    """Classify every key of the checkpoint and the target (after ``rename``, then
-    ``transform``)."""
-    ckpt = apply_rename(info.leaves, rename)
+    """Classify every key of the checkpoint and the target (after ``rename``, then ``stack``
+    and ``unstack``, then ``transform``); checkpoint keys holding "/" match the nested target
+    keys they spell."""
+    target_paths = {t.path for t in target_leaves}
+    renamed, notes = _match_slash_keys(apply_rename(info.leaves, rename), target_paths)
+    ckpt, layers, problems = apply_layers(renamed, target_paths, stack, unstack)
     transformed = apply_transform(ckpt, transform)
     entries = []
     for t in target_leaves:
@@ -553,9 +638,9 @@ def build_report(
                 transformed=bool(fns),
                 stored=stored if fns else None,
                 transforms=fns,
+                layers=layers.get(t.path),
             )
         )
-    target_paths = {t.path for t in target_leaves}
     for path, (stored, source) in ckpt.items():
         if path not in target_paths:
             leaf, fns = transformed.get(path, (stored, ()))
@@ -576,8 +661,42 @@ def build_report(
         entries=tuple(entries),
         step=info.step,
         item=info.item,
+        notes=notes,
         info=info,
+        layer_problems=tuple(problems),
+        key_options={"rename": rename, "transform": transform, "stack": stack, "unstack": unstack},
         abstract_keys=frozenset(_keypaths.join(t.path) for t in target_leaves if t.abstract),
+    )
+
+
+def _match_slash_keys(
+    ckpt: dict[KeyPath, tuple[LeafInfo, str | None]], target_paths: set[KeyPath]
+) -> tuple[dict[KeyPath, tuple[LeafInfo, str | None]], tuple[str, ...]]:
+    """Match checkpoint keys holding "/" (Gemma's flat ``{'transformer/layer_0/attn/q_einsum':
+    {'w': ...}}``) to the nested target keys they spell, where the target has those and not
+    the key itself; and the report's note saying so."""
+    moved: list[KeyPath] = []
+    out: dict[KeyPath, tuple[LeafInfo, str | None]] = {}
+    for path, (leaf, source) in ckpt.items():
+        nested = _keypaths.spelled(path) if _keypaths.has_slash(path) else path
+        if (
+            nested != path
+            and path not in target_paths
+            and nested in target_paths
+            and nested not in ckpt
+            and nested not in out
+        ):
+            out[nested] = (leaf, source or _keypaths.show(path))
+            moved.append(path)
+            continue
+        out[path] = (leaf, source)
+    if not moved:
+        return out, ()
+    example = moved[0]
+    return out, (
+        f"keys holding '/' ({len(moved)} array{'s' if len(moved) > 1 else ''}, e.g. "
+        f"{clip(_keypaths.show(example), 80)}) were matched to the nested keys they spell "
+        f"({clip(_keypaths.join(example), 80)}); pass rename=... to map them otherwise",
     )
 
 
@@ -589,6 +708,8 @@ def compare(
     item: str | None = None,
     rename: Mapping[str, str] | None = None,
     transform: Mapping[str, Transform] | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Compare a checkpoint's keys, shapes and dtypes with a target's, from metadata only.
 
@@ -604,6 +725,14 @@ def compare(
         array needs changing on load: ``{r"proj/kernel$": lambda w: w.T}`` turns a PyTorch
         ``[out, in]`` weight into an NNX ``[in, out]`` kernel. Every matching pattern
         applies, in order. Shapes and dtypes come from ``jax.eval_shape``: no byte is read.
+      stack: regex -> axis, for a per-layer checkpoint (``layers/0/...``) into a scanned
+        target: the regex is in the per-layer spelling with one capture group holding the
+        layer index and its separator, removed from the name (Orbax ``model_surgery.stack``'s
+        convention): ``{r"layers/(\\d+/)": 0}``. Applied after ``rename``, before
+        ``transform``.
+      unstack: regex -> axis, the reverse: a scanned checkpoint's stacked array into a
+        per-layer target, each layer sliced at ``axis`` (``{r"^decoder/layers/(\\d+/)": 1}``
+        for MaxText's layer axis 1).
 
     Returns:
       A :class:`LoadReport`; ``report.ok`` is True when a strict restore will succeed.
@@ -612,4 +741,4 @@ def compare(
       CheckpointError: the checkpoint cannot be read, or ``target`` is not NNX state.
     """
     info = inspect(path, step=step, item=item)
-    return build_report(info, flatten_target(target), rename, transform)
+    return build_report(info, flatten_target(target), rename, transform, stack, unstack)

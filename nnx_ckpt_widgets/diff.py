@@ -28,7 +28,13 @@ from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.stats import fold_entries, number
 
-__all__ = ["ArrayDiff", "DiffEntry", "DiffReport", "diff", "diff_infos"]
+__all__ = ["LARGE_CHANGE", "ArrayDiff", "DiffEntry", "DiffReport", "diff", "diff_infos"]
+
+# A relative change ||a - b|| / ||a|| over this is flagged (red in HTML, named in the summary):
+# a training step moves weights by a small fraction of their norm, a blow-up by orders of
+# magnitude (notebook 11's learning-rate spike: 1e13). An array that starts at zeros has an
+# infinite relative change and is not flagged: there is no size to compare with.
+LARGE_CHANGE = 100.0
 
 DiffStatus = Literal["compared", "only in a", "only in b", "shape mismatch", "dtype mismatch"]
 _ORDER: tuple[DiffStatus, ...] = (
@@ -122,6 +128,57 @@ class DiffReport:
         ]
 
     @property
+    def largest_change(self) -> ArrayDiff | None:
+        """The changed array whose finite relative change is the largest, if any."""
+        finite = [
+            e.diff
+            for e in self.compared
+            if e.diff is not None
+            and not e.diff.identical
+            and e.diff.rel_change is not None
+            and math.isfinite(e.diff.rel_change)
+        ]
+        return max(finite, key=lambda d: d.rel_change or 0.0, default=None)
+
+    @property
+    def relative_change(self) -> float | None:
+        """``||b - a|| / ||a||`` over every array compared, pooled as one vector (PRNG keys
+        aside): how far the whole checkpoint moved. None when nothing was compared, or when a
+        side holds NaN or Inf."""
+        diffs = [e.diff for e in self.compared if e.diff is not None]
+        if not diffs or any(d.nan_a or d.nan_b or d.inf_a or d.inf_b for d in diffs):
+            return None
+        # Pooled sums of squares, not a merge of the ratios: an array that starts at zeros
+        # (a bias) has an infinite ratio of its own but adds only its move to the whole.
+        aa = dd = 0.0
+        for d in diffs:
+            if not d.identical and d.norm_a is not None and d.norm_diff is not None:
+                aa += d.norm_a**2
+                dd += d.norm_diff**2
+        if dd == 0.0:
+            return 0.0
+        return math.sqrt(dd / aa) if aa else math.inf
+
+    @property
+    def large_changes(self) -> list[str]:
+        """Keys whose relative change ``||a - b|| / ||a||`` is finite and over
+        :data:`LARGE_CHANGE`: the array moved by more than a hundred times its own size."""
+        return [
+            e.key
+            for e in self.compared
+            if e.diff is not None
+            and e.diff.rel_change is not None
+            and math.isfinite(e.diff.rel_change)
+            and e.diff.rel_change > LARGE_CHANGE
+        ]
+
+    @property
+    def ok(self) -> bool:
+        """No NaN or Inf in ``b`` and no relative change over :data:`LARGE_CHANGE`: what the
+        browser colours as fine rather than as a warning."""
+        return not self.nonfinite_b and not self.large_changes
+
+    @property
     def only_in_a(self) -> list[str]:
         return self._keys("only in a")
 
@@ -145,8 +202,12 @@ class DiffReport:
         )
 
     def summary(self) -> str:
-        """What matters, in one line: ``first NaN: head/kernel; 3 of 48 arrays unchanged:
-        layers/{0..2}/kernel (frozen?)``."""
+        """What matters, in one line: ``NaN appeared in 2 of 48 arrays: layers/{17..18}/kernel;
+        3 of 48 arrays unchanged: layers/{0..2}/kernel (frozen?)``.
+
+        Arrays are named in saved order: a diff of two steps cannot tell which array went bad
+        first between them (:func:`nnx_ckpt_widgets.check_steps` finds the first step).
+        """
         compared = self.compared
         sides = [
             f"{len(keys)} {label}"
@@ -163,26 +224,28 @@ class DiffReport:
                 return "Both sides are empty: nothing to compare."
             return "Nothing in common: " + ", ".join(sides) + "; no array could be compared."
         parts = []
+        n = len(compared)
         for label, keys in (("NaN", self.nan_appeared), ("Inf", self.inf_appeared)):
             if keys:
-                more = f" ({label} appeared in {len(keys)} arrays)" if len(keys) > 1 else ""
-                parts.append(f"first {label}: {clip(keys[0], 60)}{more}")
-        unchanged, n = self.unchanged, len(compared)
+                named = clip(keys[0], 60) if len(keys) == 1 else _preview(keys)
+                count = "" if len(keys) == 1 else f"{len(keys)} of {plural(n, 'array')}: "
+                parts.append(f"{label} appeared in {count}{named}")
+        unchanged = self.unchanged
+        the = "the array compared" if n == 1 else f"all {n:,} arrays compared"
         if len(unchanged) == n:
-            parts.append(f"all {plural(n, 'array')} compared are bit-identical")
+            parts.append(f"{the} {'is' if n == 1 else 'are'} bit-identical")
         elif unchanged:
             parts.append(
                 f"{len(unchanged)} of {n} arrays unchanged: {_preview(unchanged)} (frozen?)"
             )
         else:
-            parts.append(f"all {plural(n, 'array')} compared changed")
-        changed = [e.diff for e in compared if e.diff is not None and not e.diff.identical]
-        finite = [d for d in changed if d.rel_change is not None and math.isfinite(d.rel_change)]
-        if finite:
-            top = max(finite, key=lambda d: d.rel_change or 0.0)
-            parts.append(
-                f"largest relative change {number(top.rel_change, 3)} ({clip(top.key, 60)})"
-            )
+            parts.append(f"{the} changed")
+        top = self.largest_change
+        if top is not None and top.rel_change is not None:
+            text = f"largest relative change {number(top.rel_change, 3)} ({clip(top.key, 60)})"
+            if top.rel_change > LARGE_CHANGE:
+                text += f", over {LARGE_CHANGE:g}: the weights blew up"
+            parts.append(text)
         if sides:
             parts.append(", ".join(sides))
         return "; ".join(parts) + "."
@@ -319,6 +382,9 @@ def _note(group: Sequence[DiffEntry]) -> str:
     bad = sum(e.diff.nan_b + e.diff.inf_b for e in group if e.diff is not None)
     if bad:
         notes.append(f"{bad:,} non-finite in b")
+    rel = [e.diff.rel_change for e in group if e.diff is not None and e.diff.rel_change]
+    if any(math.isfinite(r) and r > LARGE_CHANGE for r in rel):
+        notes.append(f"change over {LARGE_CHANGE:g}")
     return ", ".join(notes)
 
 
@@ -480,7 +546,11 @@ def diff_html(report: DiffReport, digits: int = 3) -> str:
 
     table = values_table_html(
         report.rows(digits),
-        lambda row: "appeared" in row[5] or row[0] in ("shape mismatch", "dtype mismatch"),
+        lambda row: (
+            "appeared" in row[5]
+            or "change over" in row[5]
+            or row[0] in ("shape mismatch", "dtype mismatch")
+        ),
         align="left",
     )
     select = f"<br>select: {esc(report.select)}" if report.select is not None else ""

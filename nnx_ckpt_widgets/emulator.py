@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -58,6 +59,7 @@ _ENV_TOKEN = {
 _URL_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
 _REQUEST_LINE = re.compile(r'\\"([A-Z]+) (\S+) HTTP/[\d.]+\\" (\d{3})')
 _process_port: int | None = None  # the port TensorStore was pointed at, for this process
+_SEEN_FILESYSTEMS: weakref.WeakSet = weakref.WeakSet()  # gcsfs instances met while switching
 
 
 def _binary() -> Path:
@@ -145,20 +147,47 @@ class _Relay:
         self.up = self.down = 0
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._open: set[socket.socket] = set()
 
     def start(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        try:
+            listener.bind(("127.0.0.1", self.port))
+        except OSError as err:
+            listener.close()
+            raise StorageError(
+                f"The GCS emulator cannot listen on 127.0.0.1:{self.port} ({err.strerror}): "
+                "another program holds the port; stop it, or restart the kernel (TensorStore "
+                "keeps its first emulator address for the life of the process)."
+            ) from err
         listener.listen(128)
         self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        self._acceptor = threading.Thread(
+            target=self._accept, args=(listener,), name="nnx-ckpt-gcs-relay", daemon=True
+        )
+        self._acceptor.start()
 
     def stop(self) -> None:
         listener, self._listener = self._listener, None
+        acceptor, self._acceptor = self._acceptor, None
         if listener is not None:
+            # close() alone does not free the port while the accept thread is blocked in
+            # accept(): the kernel keeps the socket listening until that call returns, and the
+            # next start() on this port fails with "Address already in use". shutdown() wakes
+            # accept() on Linux; elsewhere a connection of our own does.
+            with suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            if acceptor is not None and acceptor.is_alive():
+                with (
+                    suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1),
+                ):
+                    pass
             listener.close()
+            if acceptor is not None:
+                acceptor.join(timeout=5)
         with self._lock:
             sockets, self._open = list(self._open), set()
         for sock in sockets:  # a stopped server answers nothing more, not even half a reply
@@ -172,6 +201,9 @@ class _Relay:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed by stop()
+            if self._listener is not listener:  # stop()'s own wake-up call
+                client.close()
+                return
             try:
                 server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
                 server.settimeout(None)
@@ -276,6 +308,9 @@ class GCSEmulator:
 
     def stop(self) -> None:
         """Stop the server, as a crash would: open connections are cut. Objects are kept."""
+        from nnx_ckpt_widgets import _bucket
+
+        _bucket.forget_endpoints()  # the next bucket call finds out at once that it is gone
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
@@ -322,6 +357,16 @@ class GCSEmulator:
             plain = gcsfs.core.GCSFileSystem
         for protocol, cls in self._saved_classes.items():
             fsspec.register_implementation(protocol, plain if on else cls, clobber=True)
+        # etils.epath keeps its gcsfs instance for the life of the process (an lru_cache), so
+        # dropping fsspec's instance cache is not enough: that instance would still list the
+        # folders of an emulator closed earlier in this kernel (a notebook run twice). Empty
+        # the listing cache of every instance ever seen here, including those that an earlier
+        # clear_instance_cache() already dropped from fsspec's cache but etils still holds.
+        for cls in {gcsfs.core.GCSFileSystem, *self._saved_classes.values()}:
+            _SEEN_FILESYSTEMS.update(getattr(cls, "_cache", {}).values())
+        for instance in list(_SEEN_FILESYSTEMS):
+            with suppress(Exception):
+                instance.invalidate_cache()
         gcsfs.core.GCSFileSystem.clear_instance_cache()
 
     def __enter__(self) -> GCSEmulator:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._storage import AnyPath
+from nnx_ckpt_widgets._untrusted import no_gc
 from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.layouts import Location, StepInfo, StoredLeaf, locate
 
@@ -85,6 +86,10 @@ class CheckpointInfo:
       custom_metadata: what the saver passed as ``custom_metadata=``; for safetensors, the
         files' ``__metadata__``.
       config: a Hugging Face ``config.json`` found beside safetensors weights.
+      unrestorable: the root's step folders that cannot be restored (damaged, interrupted,
+        empty), each with its ``reason``.
+      notes: what to know about how the checkpoint was read (pickle files beside safetensors
+        that were ignored, keys holding ``/``), one sentence each.
       location: where the arrays live, for :func:`restore` to read them without looking
         the checkpoint up again.
     """
@@ -100,6 +105,8 @@ class CheckpointInfo:
     layout: str = ""
     custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config: Mapping[str, Any] | None = None
+    unrestorable: tuple[StepInfo, ...] = ()
+    notes: tuple[str, ...] = ()
     location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -155,6 +162,10 @@ class CheckpointInfo:
                 {"step": s.step, "items": list(s.items), "metrics": dict(s.metrics)}
                 for s in self.steps
             ],
+            "unrestorable_steps": [
+                {"step": s.step, "path": str(s.path), "reason": s.reason} for s in self.unrestorable
+            ],
+            "notes": list(self.notes),
             "items": list(self.items),
             "custom_metadata": dict(self.custom_metadata),
             "config": dict(self.config) if self.config is not None else None,
@@ -216,7 +227,8 @@ def inspect(
         ``CheckpointNotFoundError`` or ``CorruptCheckpointError``.
     """
     location = locate(path, step=step, item=item)
-    return info_from_location(location)
+    with no_gc():  # a million LeafInfo objects and no cycles: see _untrusted.no_gc
+        return info_from_location(location)
 
 
 def info_from_location(location: Location) -> CheckpointInfo:
@@ -240,6 +252,8 @@ def info_from_location(location: Location) -> CheckpointInfo:
         layout=location.kind,
         custom_metadata=location.custom_metadata,
         config=location.config,
+        unrestorable=location.unrestorable,
+        notes=location.notes,
         location=location,
     )
 

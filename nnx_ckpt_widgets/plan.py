@@ -213,9 +213,14 @@ def make_plan(report: LoadReport, options: RestoreOptions | None = None) -> Rest
 def _planned(entry: KeyStatus, opts: RestoreOptions) -> PlannedKey:
     if entry.status in READ_STATUSES:
         action: Action = "cast" if entry.status == "dtype mismatch" else "restored"
-        leaf = entry.read_leaf
-        source = entry.source or (leaf.name if leaf is not None else entry.path)
-        return PlannedKey(entry.path, action, (source,), entry.transformed, entry.nbytes)
+        if entry.layers is not None:
+            sources = tuple(part.name for part in entry.layers.parts)
+            if entry.layers.kind == "unstack":
+                sources = (entry.layers.spelled(str(entry.layers.index)),)
+        else:
+            leaf = entry.read_leaf
+            sources = (entry.source or (leaf.name if leaf is not None else entry.path),)
+        return PlannedKey(entry.path, action, sources, entry.transformed, entry.nbytes)
     if entry.status == "missing":
         return PlannedKey(entry.path, "zeros" if opts.missing == "zeros" else "kept")
     return PlannedKey(entry.path, "ignored")
@@ -223,6 +228,15 @@ def _planned(entry: KeyStatus, opts: RestoreOptions) -> PlannedKey:
 
 def _refusal(report: LoadReport, opts: RestoreOptions) -> Refusal | None:
     """The one copy of the rules: why these options cannot restore this report, or None."""
+    if report.layer_problems:
+        first = report.layer_problems[0]
+        more = len(report.layer_problems) - 1
+        return Refusal(
+            first + (f" (and {more} more)" if more else ""),
+            "fix the stack= or unstack= patterns so each stacked array gets every layer once.",
+            "Its layers cannot be stacked or unstacked as asked: fix stack= or unstack= in the "
+            "call that opened this browser.",
+        )
     summary = report.summary()
     renamed_hint = bool(report.missing and report.unexpected)
     nothing = _nothing_matches(report)

@@ -103,7 +103,7 @@ def _leaf_groups(leaves: Iterable[LeafInfo]) -> list[tuple[str, list[LeafInfo]]]
         if len({(g.shape, g.dtype, g.sharding) for g in group}) == 1:
             rows.append((pattern, group))
         else:
-            rows.extend((leaf.name, [leaf]) for leaf in group)
+            rows.extend((_keypaths.show(leaf.path), [leaf]) for leaf in group)
     return rows
 
 
@@ -121,6 +121,7 @@ def info_text(info: CheckpointInfo) -> str:
         lines.append("steps: " + ", ".join(step_text(s) for s in info.steps))
     if len(info.items) > 1:
         lines.append("items: " + ", ".join(info.items))
+    lines.extend(info_notes(info))
     rows = [("key", "shape", "dtype", "params", "bytes", "sharding")]
     for pattern, group in _leaf_groups(info.leaves.values()):
         first = group[0]
@@ -140,9 +141,24 @@ def info_text(info: CheckpointInfo) -> str:
     return "\n".join(lines)
 
 
+def info_notes(info: CheckpointInfo) -> list[str]:
+    """One line per step that cannot be restored, and per note on how the path was read."""
+    lines = [f"not restorable: step {s.step}: {s.reason}" for s in info.unrestorable]
+    return lines + [f"note: {note}" for note in info.notes]
+
+
 def info_summary(info: CheckpointInfo) -> str:
     """``Orbax v1 checkpoint, nnx.State: 4 arrays, 26 params, 104 B``."""
-    sizes = sizes_text(len(info.leaves), info.num_params, info.nbytes)
+    # RNG state is no parameter: an nnx.Rngs stream saves a typed key (Orbax records its
+    # key_impl) beside a uint32 `count`; count both apart.
+    keys = {leaf.path[:-1] for leaf in info.leaves.values() if leaf.key_impl is not None}
+    rng = [
+        leaf
+        for leaf in info.leaves.values()
+        if leaf.key_impl is not None or (leaf.path[:-1] in keys and leaf.path[-1] == "count")
+    ]
+    params = info.num_params - sum(leaf.size for leaf in rng)
+    sizes = sizes_text(len(info.leaves), params, info.nbytes, rng=len(rng))
     kind = f"{info.layout}, " if info.layout else ""
     return f"{kind}{info.format}: {sizes}"
 
@@ -171,6 +187,8 @@ def info_html(info: CheckpointInfo, max_children: int = 50) -> str:
         header += f"<br>custom metadata: {esc(custom_text(info.custom_metadata))}"
     if info.config:
         header += f"<br>config.json: {esc(custom_text(info.config))}"
+    for line in info_notes(info):
+        header += f"<br>{esc(line)}"
     body = _tree_html(info, (), children(info.leaves), max_children, depth=0)
     return f'<div class="nnx-ckpt-info" style="{BOX_STYLE}">{header}{body}</div>'
 
@@ -183,7 +201,8 @@ def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -
         if path in info.leaves:
             leaf = info.leaves[path]
             items.append(
-                f"<li>{esc(name)}: {esc(shape_text(leaf.shape))} {esc(leaf.dtype)} "
+                f"<li>{esc(_keypaths.quote(name))}: {esc(shape_text(leaf.shape))} "
+                f"{esc(leaf.dtype)} "
                 f"<span style='opacity:.6'>{esc(human_bytes(leaf.nbytes))}</span></li>"
             )
             continue
@@ -191,7 +210,7 @@ def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -
         open_attr = " open" if depth < 1 else ""
         inner = _tree_html(info, path, children, max_children, depth + 1)
         items.append(
-            f"<li><details{open_attr}><summary>{esc(name)} "
+            f"<li><details{open_attr}><summary>{esc(_keypaths.quote(name))} "
             f"<span style='opacity:.6'>{params:,} params, {esc(human_bytes(nbytes))}</span>"
             f"</summary>{inner}</details></li>"
         )
@@ -238,6 +257,7 @@ def report_text(report: LoadReport) -> str:
     lines = [f"Load report for {where(report.path, report.step, report.item)} ({report.format})"]
     lines.extend(table(rows))
     lines.append(_counts_line(report))
+    lines.extend(f"note: {note}" for note in report.notes)
     lines.append(report.advice)
     return "\n".join(lines)
 
@@ -266,5 +286,7 @@ def report_html(report: LoadReport) -> str:
         f"({esc(report.format)})"
         "<table style='border-collapse:collapse;text-align:left;table-layout:auto'>"
         f"{head}{''.join(rows)}</table>"
-        f"<div>{counts}</div><div><b>{esc(report.advice)}</b></div></div>"
+        f"<div>{counts}</div>"
+        + "".join(f"<div>note: {esc(note)}</div>" for note in report.notes)
+        + f"<div><b>{esc(report.advice)}</b></div></div>"
     )

@@ -69,6 +69,8 @@ def restore(
     transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
 ) -> LoadReport:
     """Restore a checkpoint into ``target`` in place; on any error, ``target`` is unchanged.
 
@@ -94,6 +96,10 @@ def restore(
         in the report.
       progress: called as ``progress(done_bytes, total_bytes)`` before the first read and
         after each batch of arrays, from the thread that restores.
+      stack: regex -> axis: per-layer checkpoint keys into one stacked target array (a
+        scanned model); see :func:`compare`.
+      unstack: regex -> axis: a stacked checkpoint array into per-layer target arrays, e.g.
+        ``{r"^decoder/layers/(\\d+/)": 1}``; each stacked array is read once and sliced.
 
     Returns:
       The :class:`LoadReport`, with each key's ``action`` and the totals restored.
@@ -107,8 +113,8 @@ def restore(
     """
     options = RestoreOptions(strict, missing, unexpected, cast)
     info = inspect(path, step=step, item=item)
-    plan = make_plan(build_report(info, flatten_target(target), rename, transform), options)
-    return _execute(plan, target, progress, None)
+    report = build_report(info, flatten_target(target), rename, transform, stack, unstack)
+    return _execute(make_plan(report, options), target, progress, None)
 
 
 def load(
@@ -124,6 +130,8 @@ def load(
     transform: Mapping[str, Transform] | None = None,
     cast: bool = False,
     progress: Progress | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
     return_report: bool = False,
 ) -> Any:
     """Build the model that ``factory`` makes, with its arrays taken from a checkpoint.
@@ -136,8 +144,8 @@ def load(
       path: as for :func:`restore`.
       factory: a function of no arguments that returns the model, e.g.
         ``lambda: MLP(4, rngs=nnx.Rngs(0))``.
-      step, item, strict, missing, unexpected, rename, transform, cast, progress: as for
-        :func:`restore`.
+      step, item, strict, missing, unexpected, rename, transform, cast, progress, stack,
+        unstack: as for :func:`restore`.
       return_report: also return the :class:`LoadReport` of the restore (every cast, kept
         and ignored key), as Hugging Face's ``output_loading_info=True`` does.
 
@@ -164,8 +172,8 @@ def load(
         return jax.jit(init)()  # XLA drops the initialisers of every other array.
 
     info = inspect(path, step=step, item=item)
-    plan = make_plan(build_report(info, flatten_target(model), rename, transform), options)
-    report = _execute(plan, model, progress, initial_values)
+    report = build_report(info, flatten_target(model), rename, transform, stack, unstack)
+    report = _execute(make_plan(report, options), model, progress, initial_values)
     return (model, report) if return_report else model
 
 
@@ -252,13 +260,30 @@ def _execute(
             raise plan.error()
 
         to_read = plan.to_read
+        plain = [e for e in to_read if e.layers is None]
+        layered = [e for e in to_read if e.layers is not None]
+        total = plan.read_bytes
+        plain_bytes = sum(e.nbytes for e in plain)
+
+        def plain_progress(done: int, _total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
         arrays = read_arrays(
             info,
-            [(_leaf_of(e), by_name[e.path]) for e in to_read],
-            progress=progress,
-            transforms=[e.transforms for e in to_read],
+            [(_leaf_of(e), by_name[e.path]) for e in plain],
+            progress=plain_progress,
+            transforms=[e.transforms for e in plain],
         )
-        updates = [(by_name[e.path], v) for e, v in zip(to_read, arrays, strict=True)]
+        updates = [(by_name[e.path], v) for e, v in zip(plain, arrays, strict=True)]
+        if layered:
+
+            def layer_progress(done: int) -> None:
+                if progress is not None:
+                    progress(plain_bytes + done, total)
+
+            values = _read_layered(info, layered, by_name, layer_progress)
+            updates.extend((by_name[e.path], v) for e, v in zip(layered, values, strict=True))
         actions = {key.key: key.action for key in plan.keys}
         absent = [by_name[e.path] for e in report.entries if e.status == "missing"]
         if absent:
@@ -507,6 +532,99 @@ def _transformed(
     if isinstance(target.sharding, jax.sharding.Sharding) and target.key_impl is None:
         value = jax.device_put(value, target.sharding)
     return value
+
+
+def _read_layered(
+    info: CheckpointInfo,
+    entries: Sequence[KeyStatus],
+    targets: Mapping[str, TargetLeaf],
+    progress: Callable[[int], None],
+    batch_bytes: int = BATCH_BYTES,
+) -> list[Any]:
+    """The values of stacked and unstacked keys, in ``entries``' order.
+
+    Each stored array is read once, as stored, into host memory: a stacked array is sliced
+    for all its layers as soon as it arrives (``unstack``), and the layers of one target are
+    stacked as soon as they arrive (``stack``). Reads go in batches of about ``batch_bytes``
+    of stored arrays, so host memory holds one batch besides the values already made.
+    """
+    import numpy as np
+
+    location = info.location
+    if location is None:
+        raise InvalidArgumentError(
+            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
+        )
+    # Group the entries by the stored arrays they need: all layers of one stacked array
+    # (unstack) are one group, so that array is read once.
+    groups: dict[tuple, list[int]] = {}
+    for i, entry in enumerate(entries):
+        assert entry.layers is not None
+        key = tuple(leaf.stored_path for leaf in entry.layers.parts)
+        groups.setdefault(key, []).append(i)
+
+    def group_bytes(item: tuple[tuple, list[int]]) -> int:
+        layers = entries[item[1][0]].layers
+        assert layers is not None
+        return sum(leaf.nbytes for leaf in layers.parts)
+
+    values: list[Any] = [None] * len(entries)
+    done = 0
+    progress(0)
+    for batch in read_batches(list(groups.items()), batch_bytes, group_bytes):
+        leaves: dict[tuple, LeafInfo] = {}
+        for _, members in batch:
+            layers = entries[members[0]].layers
+            assert layers is not None
+            leaves.update((leaf.stored_path, leaf) for leaf in layers.parts)
+        requests = [
+            ReadRequest(stored_path=leaf.stored_path, shape=leaf.shape, dtype=leaf.dtype, host=True)
+            for leaf in leaves.values()
+        ]
+        read = dict(zip(leaves, location.layout.read(location, requests), strict=True))
+        for _, members in batch:
+            for i in members:
+                entry, layers = entries[i], entries[i].layers
+                assert layers is not None
+                parts = [np.asarray(read[leaf.stored_path]) for leaf in layers.parts]
+                if layers.kind == "unstack":
+                    value = np.take(parts[0], layers.index or 0, axis=layers.axis)
+                else:
+                    value = np.stack(parts, axis=layers.axis)
+                values[i] = _placed(info, entry, targets[entry.path], value)
+        del read
+        done += sum(leaf.nbytes for leaf in leaves.values())
+        progress(done)
+    return values
+
+
+def _placed(info: CheckpointInfo, entry: KeyStatus, target: TargetLeaf, value: Any) -> Any:
+    """A host array made of layers, through the key's transforms, in the target's dtype and
+    on its sharding."""
+    import jax
+    import jax.numpy as jnp
+
+    if entry.transforms:
+        value = run_transforms(
+            entry.path,
+            entry.transforms,
+            jnp.asarray(value),
+            abstract=False,
+            where=f" from {info.path}",
+        )
+    if tuple(value.shape) != target.shape:
+        raise TransformError(
+            f"transform of {entry.path!r} from {info.path} returned {value.dtype}"
+            f"{tuple(value.shape)} on the real array, not the {target.dtype}{target.shape} it "
+            "gave on its shape; make the function depend only on the array's shape and dtype."
+        )
+    if str(value.dtype) != target.dtype:
+        value = value.astype(target.dtype)  # allowed: the plan said "cast"
+    if target.key_impl is not None:
+        return jax.random.wrap_key_data(jnp.asarray(value), impl=target.key_impl)
+    if isinstance(target.sharding, jax.sharding.Sharding):
+        return jax.device_put(value, target.sharding)
+    return jnp.asarray(value)
 
 
 def read_batches(

@@ -78,7 +78,8 @@ class StatsReport:
         return where(self.path, self.step, self.item)
 
     def summary(self) -> str:
-        """One line: how many arrays, and which hold NaN or Inf."""
+        """One line: how many arrays, and which hold NaN or Inf (in saved order: one step's
+        arrays carry no order in time, so none is called the first)."""
         read = f"{plural(len(self.entries), 'array')} ({human_bytes(self.nbytes)})"
         if self.skipped:
             read += f", {self.skipped} not selected"
@@ -87,8 +88,8 @@ class StatsReport:
         parts = []
         for label, keys in (("NaN", self.with_nan), ("Inf", self.with_inf)):
             if keys:
-                parts.append(f"{len(keys)} with {label} (first: {clip(keys[0], 60)})")
-        return f"{read}: " + ", ".join(parts) + "."
+                parts.append(f"{label} in {which_arrays(keys, len(self.entries))}")
+        return f"{read}: " + "; ".join(parts) + "."
 
     def groups(self) -> list[tuple[str, list[ArrayStats]]]:
         """Rows of the table: repeated layers of one shape, dtype and kind fold together."""
@@ -178,12 +179,24 @@ def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def which_arrays(keys: Sequence[str], total: int, limit: int = 3) -> str:
+    """``head/kernel`` (the only one), ``all 4 arrays``, or ``2 of 6 arrays: head/bias,
+    head/kernel``: the arrays ``keys`` of ``total``, named in the order given."""
+    if total == 1 and len(keys) == 1:
+        return clip(keys[0], 60)
+    if len(keys) == total:
+        return f"all {plural(total, 'array')}"
+    shown = ", ".join(clip(k, 60) for k in keys[:limit])
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} of {plural(total, 'array')}: {shown}{more}"
+
+
 def _counts(entry: ArrayStats) -> str:
     parts = []
     for n, label in ((entry.nan, "NaN"), (entry.posinf, "+Inf"), (entry.neginf, "-Inf")):
         if n:
             parts.append(f"{n:,} {label}")
-    return ", ".join(parts) + f" of {entry.size:,} values"
+    return ", ".join(parts) + f" of {plural(entry.size, 'value')}"
 
 
 def number(value: Any, digits: int = 4) -> str:

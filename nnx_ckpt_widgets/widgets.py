@@ -245,7 +245,10 @@ class CheckpointBrowser(w.VBox):
         where = _text.where(info.path, info.step, info.item, info.steps)
         self.header.value = (
             f'<div class="nnx-ckpt-header nnx-ckpt-text"><b>{esc(where)}</b><br>'
-            f"{esc(render.info_summary(info))}</div>"
+            f"{esc(render.info_summary(info))}"
+            # Steps that cannot be restored (and ignored pickles): the picker never offers them.
+            + "".join(f"<br>{esc(line)}" for line in render.info_notes(info))
+            + "</div>"
         )
 
     def _layout(self) -> None:

@@ -103,12 +103,15 @@ def test_every_status(tmp_path):
     assert entries["old/w"].target_shape is None
     text = str(report)
     for line in (
-        "shapes differ",
+        "shapes differ under matching names: change the model, or reshape the arrays on load "
+        "with transform={pattern: function}",
         "strict=False",
         "rename=",
         "cast=True",
     ):
         assert line in text.splitlines()[-1]
+    # rename= is offered for the unexpected key only, never for the shape mismatch.
+    assert text.splitlines()[-1].count("rename=") == 1
 
 
 def test_integer_keys_of_nnx_list_compare_with_string_keys(tmp_path):
@@ -214,3 +217,29 @@ def test_not_a_target(mlp_state_ckpt):
             ncw.compare(mlp_state_ckpt, bad)
         assert isinstance(raised.value, ncw.CheckpointError)
         assert "nnx.State" in str(raised.value)
+
+
+def test_advice_after_a_rename_names_transform_not_rename(mlp_state_ckpt):
+    """Names that match after rename= but shapes that differ need transform=, not more rename."""
+
+    class Transposed(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.layer1 = nnx.Linear(4, 3, rngs=rngs)  # the checkpoint's (3, 4), transposed
+            self.layer2 = nnx.Linear(4, 2, rngs=rngs)
+
+    rename = {r"linear(\d)": r"layer\1"}
+    report = ncw.compare(mlp_state_ckpt, Transposed(rngs=nnx.Rngs(0)), rename=rename)
+    assert report.shape_mismatched == ["layer1/bias", "layer1/kernel"]
+    assert report.advice == (
+        "To load it: shapes differ under matching names: change the model, or reshape the "
+        "arrays on load with transform={pattern: function}."
+    )
+    wrong = {r"layer1/bias$": lambda b: b}  # leaves the bias as it was: still (4,)
+    fixed = {r"layer1/kernel$": lambda w: w.T, **wrong}
+    report = ncw.compare(
+        mlp_state_ckpt, Transposed(rngs=nnx.Rngs(0)), rename=rename, transform=fixed
+    )
+    assert report.shape_mismatched == ["layer1/bias"]
+    assert report.advice == (
+        "To load it: shapes still differ after transform=: fix its function or the model."
+    )

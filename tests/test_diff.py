@@ -48,7 +48,7 @@ def test_two_steps_of_a_root(run):
     before = folder_state(run)
     report = nw.diff(run, steps=(100, 200), progress=False)
     assert report.summary().startswith(
-        "first NaN: head/kernel; 3 of 49 arrays unchanged: layers/{0..2}/kernel (frozen?); "
+        "NaN appeared in head/kernel; 3 of 49 arrays unchanged: layers/{0..2}/kernel (frozen?); "
     )
     assert report.unchanged == [f"layers/{i}/kernel" for i in range(3)]
     assert report.nan_appeared == ["head/kernel"] and report.nonfinite_b == ["head/kernel"]
@@ -103,7 +103,7 @@ def test_one_sided_and_changed_arrays_are_listed_like_compare(tmp_path):
     assert "shape mismatch  grown" in text and "a (2, 2) vs b (3, 2)" in text
     assert "dtype mismatch  cast" in text and "a float32 vs b bfloat16" in text
     assert report.summary() == (
-        "all 1 array compared are bit-identical; 1 only in a, 1 only in b, 1 changed shape, "
+        "the array compared is bit-identical; 1 only in a, 1 only in b, 1 changed shape, "
         "1 changed dtype."
     )
 
@@ -245,3 +245,57 @@ def test_v1_training_checkpointer_root(tmp_path, capsys):
     assert main(["stats", str(root), "--step", "1", "--select", "^w$", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["step"] == 1 and data["entries"][0]["max"] == 5.0
+
+
+def test_a_blow_up_is_flagged_and_nan_names_no_first(tmp_path):
+    """A relative change of 1e13 is a blow-up, never shown as fine; NaN appearing in several
+    arrays between two steps is listed in saved order, with no claim of which came first."""
+    base = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    zeros = np.zeros(4, np.float32)
+    steps = {
+        20: {"model": {"w": base, "v": base, "b": zeros, "n1": base, "n2": base}},
+        25: {
+            "model": {
+                "w": base * np.float32(1e13),  # the spike
+                "v": base * np.float32(1.01),  # an ordinary step
+                "b": zeros + np.float32(1.0),  # from zeros: infinite, not a blow-up
+                "n1": np.full((4, 4), np.nan, np.float32),
+                "n2": np.full((4, 4), np.nan, np.float32),
+            }
+        },
+    }
+    root = save_manager(tmp_path / "run", steps)
+    report = nw.diff(root, steps=(20, 25), item="model", progress=False)
+    assert report.large_changes == ["w"]
+    assert report.largest_change is not None and report.largest_change.key == "w"
+    assert not report.ok
+    summary = report.summary()
+    assert summary.startswith(
+        "NaN appeared in 2 of 5 arrays: n1, n2; all 5 arrays compared changed"
+    )
+    assert "first" not in summary
+    rel = next(e for e in report.entries if e.key == "w").diff.rel_change
+    assert math.isclose(rel, 1e13 - 1, rel_tol=1e-6)
+    assert summary.endswith(
+        f"largest relative change {rel:.3g} (w), over 100: the weights blew up."
+    )
+    html = report._repr_html_()
+    row = next(r for r in html.split("<tr") if "<td>w</td>" in r)
+    assert "color:" in row and "change over 100" in row  # drawn in the error colour
+    fine = next(r for r in html.split("<tr") if "<td>v</td>" in r)
+    assert "color:" not in fine
+    # An ordinary step alone is fine.
+    calm = nw.diff(root, steps=(20, 25), item="model", select="^v$", progress=False)
+    assert calm.ok and calm.large_changes == [] and "blew up" not in calm.summary()
+    assert calm.summary().startswith("the array compared changed; largest relative change 0.01")
+    # The browser's compare-with-step view: a blow-up is a warning, never green.
+    from nnx_ckpt_widgets import CheckpointBrowser
+
+    browser = CheckpointBrowser(root, step=25, item="model")
+    browser.tree.select("w")
+    browser.values.other_step.value = 20
+    browser.values.diff_button.click()
+    browser.wait(30)
+    assert browser.values.diff_report.large_changes == ["w"]
+    assert 'data-state="warn"' in browser.values.status_html.value
+    assert browser.values.status.endswith("over 100: the weights blew up.")

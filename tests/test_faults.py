@@ -415,8 +415,15 @@ def test_one_broken_step_among_good_ones(tmp_path, good_root, damage, capfd):
 def test_broken_latest_step_names_it_and_other_steps_open(tmp_path, good_root):
     root = copy_checkpoint(good_root, tmp_path / "run")
     BREAK_STEP["item-metadata"](root / "2")
+    # By default the latest intact step opens, and the broken one is listed with its reason
+    # (issue 23, point 6).
+    info = ncw.inspect(root)
+    assert info.step == 1 and [s.step for s in info.steps] == [0, 1]
+    ((broken,),) = [[s for s in info.unrestorable if s.step == 2]]
+    assert str(root / "2" / "default") in broken.reason and "_METADATA" in broken.reason
+    assert "not restorable: step 2" in str(info)
     with pytest.raises(CORRUPT) as raised:
-        ncw.inspect(root)
+        ncw.inspect(root, step=2)
     assert_good_error(raised.value, CORRUPT, root / "2" / "default", "_METADATA")
     browser = CheckpointBrowser(root, wide_mlp(99), step=1)
     browser.step_selector.value = 2

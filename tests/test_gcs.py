@@ -10,6 +10,7 @@ read, a bucket or an object that is not there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -292,6 +293,24 @@ def test_server_stopped_mid_inspect(running, layouts, monkeypatch, failing_orbax
         ncw.inspect(url)
     assert time.monotonic() - start < TIMEOUT + 20  # bounded: no hang
     assert "gs:/" + url.removeprefix("gs:/") in str(caught.value)
+
+
+def test_a_browser_whose_server_stopped_says_so_at_once(running, layouts, caplog):
+    """gcsfs retries a refused connection six times with backoff (about 33 s) before it gives
+    up; the first bucket call after the server went away must say so instead."""
+    url, kwargs, _ = layouts["manager"]
+    browser = ncw.CheckpointBrowser(url, **kwargs)
+    running.stop()
+    with caplog.at_level(logging.DEBUG, logger="gcsfs"):
+        browser.values_button.click()
+        browser.values.wait(60)
+        with pytest.raises(StorageError, match=r"storage endpoint 127\.0\.0\.1:\d+ cannot be"):
+            ncw.stats(url, progress=False, **kwargs)
+    assert browser.values.status.startswith("Could not read the values: Cannot read gs://")
+    assert "cannot be reached (Connection refused)" in browser.values.status
+    assert "storage emulator is running" in browser.values.status
+    retried = [r.getMessage() for r in caplog.records if "retr" in r.getMessage()]
+    assert retried == []  # answered by the probe: gcsfs never began retrying
 
 
 @FAILING_READ

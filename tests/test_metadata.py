@@ -486,3 +486,16 @@ def test_every_error_is_a_checkpoint_error():
     # Callers catching the built-in kinds still catch ours.
     assert issubclass(ncw.CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(ncw.InvalidArgumentError, ValueError)
+
+
+def test_rng_state_is_not_counted_as_params(tmp_path):
+    class WithDropout(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.linear = nnx.Linear(2, 3, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    path = save_checkpoint(tmp_path / "ckpt", nnx.state(WithDropout(nnx.Rngs(0))))
+    info = ncw.inspect(path)
+    keys = [leaf.name for leaf in info.leaves.values() if leaf.key_impl is not None]
+    assert keys == ["dropout/rngs/key"]  # beside it, its uint32 counter dropout/rngs/count
+    assert f"{len(info.leaves)} arrays, 9 params (+ 2 arrays of RNG state), " in str(info)

@@ -313,7 +313,7 @@ def _file(tmp_path: Path, header: bytes | dict, data: bytes = b"", length: int |
 F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 HOSTILE = {
     "length-2-62": (lambda t: _file(t, b"{}", length=2**62), "header claims"),
-    "not-json": (lambda t: _file(t, b"\xff{not json"), "not JSON"),
+    "not-json": (lambda t: _file(t, b"\xff{not json"), "not valid JSON"),
     "past-the-end": (lambda t: _file(t, {"w": F32_2}, b"\0" * 4), "truncated download"),
     "offsets-vs-shape": (
         lambda t: _file(t, {"w": {**F32_2, "data_offsets": [0, 4]}}, b"\0" * 8),

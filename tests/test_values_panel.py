@@ -58,10 +58,11 @@ def test_values_of_a_subtree_escaped(root):
     report = browser.values.stats_report
     assert report is not None and len(report) == 6 and report.step == 3
     assert report.with_nan == ["head/kernel"]
-    assert browser.values.status == f"Values of 6 arrays of the checkpoint: {report.summary()}"
+    assert browser.values.status == f"Values of the checkpoint: {report.summary()}"
+    assert browser.values.status.startswith("Values of the checkpoint: 6 arrays (")
     html = browser.values.result_html.value
     assert HOSTILE not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
-    assert "values: Values of 6 arrays" in repr(browser)
+    assert "values: Values of the checkpoint: 6 arrays" in repr(browser)
     assert not browser.values_button.disabled and not browser.values.running
     browser.tree.select("layers", "{0..3}")
     browser.values_button.click()
@@ -82,6 +83,8 @@ def test_one_array_is_drawn_by_treescope(root):
     assert output["data"]["text/plain"] == "head/kernel: (3, 2) float32"
     assert "treescope" in output["data"]["text/html"]
     assert browser.values.stats_report["head/kernel"].max == 10.0
+    # One array: named once, counted once ("Values of 1 array of head/kernel: 1 array" before).
+    assert browser.values.status == "Values of head/kernel: 1 array (24 B): no NaN or Inf."
 
 
 def test_hostile_array_drawn_with_escaped_name(root):
@@ -106,7 +109,7 @@ def test_compare_with_another_step(root):
     assert report is not None and report.nan_appeared == ["head/kernel"]
     assert report.unchanged == [f"layers/{i}/kernel" for i in range(4)]
     assert panel.status == f"Step 2 → step 3: {report.summary()}"
-    assert report.summary().startswith("first NaN: head/kernel; 4 of 6 arrays unchanged")
+    assert report.summary().startswith("NaN appeared in head/kernel; 4 of 6 arrays unchanged")
     assert HOSTILE not in panel.result_html.value and "&lt;img" in panel.result_html.value
     # The selected subtree limits the diff.
     browser.tree.select("layers")

@@ -55,6 +55,16 @@ def test_zh_notebook_is_fresh(notebook: Path):
     assert not problems, f"run `make zh` ({notebook.name}):\n{_report(problems)}"
 
 
+@pytest.mark.parametrize("notebook", ENGLISH, ids=lambda p: p.stem)
+def test_notes_on_the_guide_use_the_prescribed_label(notebook: Path):
+    """notebooks/zh/README.md: a departure from the guide is a "> **与原指南的不同：**"
+    paragraph; no other kind of translator's note ("> 注：") that the English lacks."""
+    po = zh.read_po(EDITION.po_path(notebook))
+    for entry in po:
+        for line in entry.msgstr.splitlines():
+            assert not line.startswith(("> 注", "> **注")), (notebook.name, line[:60])
+
+
 def test_no_stray_translations():
     problems = [p for p in zh.check(EDITION, [], strays=True)]
     assert not problems, _report(problems)

@@ -9,7 +9,9 @@ Storage (a local folder, or a bucket) sits under every layout, in :mod:`nnx_ckpt
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 from nnx_ckpt_widgets import _storage
 from nnx_ckpt_widgets._text import clip
@@ -18,8 +20,11 @@ from nnx_ckpt_widgets.errors import (
     IncompleteCheckpointError,
     UnknownLayoutError,
 )
+from nnx_ckpt_widgets.layouts import _unsafe
 from nnx_ckpt_widgets.layouts._steps import TMP_MARKER
 from nnx_ckpt_widgets.layouts.base import Layout, Location, ReadRequest, StepInfo, StoredLeaf
+from nnx_ckpt_widgets.layouts.msgpack import MsgpackLayout
+from nnx_ckpt_widgets.layouts.orbax_legacy import OrbaxLegacyLayout
 from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
 from nnx_ckpt_widgets.layouts.orbax_v0_manager import OrbaxV0ManagerLayout
 from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
@@ -28,16 +33,21 @@ from nnx_ckpt_widgets.layouts.safetensors import SafetensorsLayout
 
 __all__ = ["LAYOUTS", "Layout", "Location", "ReadRequest", "StepInfo", "StoredLeaf", "locate"]
 
-# Order matters only where two could match: a PyTree folder first (it may hold a stray
-# _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of steps, v1 first
-# (it is told apart by its steps' handlers, else it reads as a v0 manager root); a folder of
-# safetensors files last. Only safetensors matches a file.
+# Order matters only where two could match: an Orbax 0.2.x folder (a checkpoint file, no
+# _METADATA) before the PyTree folder it also is to is_pytree; a PyTree folder first (it may
+# hold a stray _CHECKPOINT_METADATA), then a v1 checkpoint or step folder, then roots of
+# steps, v1 first (it is told apart by its steps' handlers, else it reads as a v0 manager
+# root); a folder of
+# safetensors files, then msgpack files (a Hub folder may hold both: safetensors wins). Only
+# safetensors and msgpack match a file.
 LAYOUTS: tuple[Layout, ...] = (
+    OrbaxLegacyLayout(),
     OrbaxV0Layout(),
     OrbaxV1Layout(),
     OrbaxV1TrainingLayout(),
     OrbaxV0ManagerLayout(),
     SafetensorsLayout(),
+    MsgpackLayout(),
 )
 
 
@@ -56,12 +66,18 @@ def locate(
       UnknownLayoutError: files are there, in no layout this package knows.
       IncompleteCheckpointError: the save at ``path`` (or of ``step``) was interrupted.
       CorruptCheckpointError: a known layout, damaged.
+      UnsafeFormatError: a PyTorch pickle or an object ``.npz``, which is never loaded.
       ItemSelectionError: several items and ``item`` does not pick one.
       InvalidArgumentError: ``step`` was given for a single checkpoint.
     """
     root = _storage.as_path(path)
     with _storage.one_look():
-        return _locate(root, step, item)
+        location = _locate(root, step, item)
+    # Shown as given: "~/runs/ckpt" stays so in every header (Orbax and TensorStore get the
+    # resolved path, see _storage.absolute).
+    if isinstance(path, (str, Path)) and str(path).startswith("~") and location.path == root:
+        location = dataclasses.replace(location, path=Path(path))
+    return location
 
 
 def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Location:
@@ -73,9 +89,12 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
         for layout in LAYOUTS:
             if layout.matches(listing):
                 return layout.locate(listing, step, item)
+        unsafe = _unsafe.unsafe_format(root)
+        if unsafe is not None:
+            raise _unsafe.refuse(root, unsafe)
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: it is a file, not a folder; pass the folder that Orbax "
-            "wrote, or a .safetensors file."
+            "wrote, a .safetensors file or a flax .msgpack file."
         )
     if TMP_MARKER in root.name:
         raise IncompleteCheckpointError(
@@ -84,7 +103,17 @@ def _locate(root: _storage.AnyPath, step: int | None, item: str | None) -> Locat
         )
     for layout in LAYOUTS:
         if layout.matches(listing):
-            return layout.locate(listing, step, item)
+            location = layout.locate(listing, step, item)
+            # Pickles beside what was read (pytorch_model.bin next to model.safetensors): say
+            # they were left alone, so nobody wonders which weights were loaded.
+            notes = _unsafe.ignored_notes(listing)
+            if notes:
+                location = dataclasses.replace(location, notes=(*location.notes, *notes))
+            return location
+    pickles = _unsafe.unsafe_files(listing)
+    if pickles:
+        name, fmt = pickles[0]
+        raise _unsafe.refuse(root / name, fmt)
     if not listing.names:
         raise CheckpointNotFoundError(
             f"No checkpoint at {root}: the folder is empty; save a checkpoint there first."

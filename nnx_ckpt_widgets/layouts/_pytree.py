@@ -18,12 +18,12 @@ back to Orbax's own API.
 from __future__ import annotations
 
 import base64
-import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from nnx_ckpt_widgets import _storage
+from nnx_ckpt_widgets import _storage, _untrusted
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
@@ -43,8 +43,28 @@ OCDBT_FILES = ("manifest.ocdbt", _SHARDING_FILE, "d", "array_metadatas")
 
 
 def is_pytree(names: frozenset[str]) -> bool:
-    """Whether a folder holding ``names`` is an Orbax PyTree folder (maybe a damaged one)."""
-    return PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES)
+    """Whether a folder holding ``names`` is an Orbax PyTree folder (maybe a damaged one), or
+    one from before ``_METADATA`` (Orbax 0.2.x: a ``checkpoint`` file, see ``orbax_legacy``)."""
+    if PYTREE_METADATA in names or any(n in names for n in OCDBT_FILES):
+        return True
+    from nnx_ckpt_widgets.layouts import orbax_legacy  # it imports this module
+
+    return orbax_legacy.is_legacy(names)
+
+
+def before_metadata(item_dir: AnyPath) -> bool:
+    """Whether ``item_dir`` is an Orbax 0.2.x PyTree folder, which has no ``_METADATA`` by
+    design (ask only once reading ``_METADATA`` failed: it lists the folder)."""
+    return _legacy(item_dir) is not None
+
+
+def _legacy(item_dir: AnyPath) -> Any:
+    """The ``orbax_legacy`` module when ``item_dir`` is an Orbax 0.2.x folder, else None.
+
+    Asked only after the ``_METADATA`` reader failed, so current checkpoints pay nothing."""
+    from nnx_ckpt_widgets.layouts import orbax_legacy
+
+    return orbax_legacy if orbax_legacy.is_legacy_folder(item_dir) else None
 
 
 class Unrecognised(Exception):
@@ -61,6 +81,12 @@ def read_leaves(item_dir: AnyPath) -> list[StoredLeaf]:
         return read_fast(item_dir)
     except Unrecognised as why:
         _log.debug("Fast metadata reader fell back to Orbax for %s: %s", item_dir, why)
+    except CorruptCheckpointError:
+        # An item of an Orbax 0.2.x manager root has no _METADATA: read its own way.
+        legacy = _legacy(item_dir)
+        if legacy is None:
+            raise
+        return legacy.read_leaves(item_dir)
     return _read_with_orbax(item_dir)
 
 
@@ -99,10 +125,10 @@ def read_fast(item_dir: AnyPath) -> list[StoredLeaf]:
     leaves = []
     parsed: dict[bytes, tuple[tuple[int, ...], str]] = {}  # most headers repeat byte for byte
     for keys, header in zip(entries, headers, strict=True):
-        if header not in parsed:
-            parsed[header] = _parse_header(header, zarr3)
-        shape, dtype = parsed[header]
         name = ".".join(keys)
+        if header not in parsed:
+            parsed[header] = _parse_header(item_dir, name, header, zarr3)
+        shape, dtype = parsed[header]
         leaves.append(StoredLeaf(keys, shape, dtype, shardings.get(name), keys_impl.get(name)))
     return leaves
 
@@ -144,22 +170,25 @@ def _read_shardings(item_dir: AnyPath) -> dict[str, str]:
         return {}
     except OSError:
         text = b""  # unreadable: reported as damage just below
-    try:
-        raw = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
-        raw = None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} is not a JSON object; "
-            "restore it from a copy or save it again."
+
+    def damaged(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"Checkpoint at {item_dir} is damaged: {_SHARDING_FILE} {why}; restore it from a "
+            "copy or save it again."
         )
+
+    raw = _untrusted.parse_json(text, file, "shardings", damaged)
+    if not isinstance(raw, dict):
+        raise damaged("is not a JSON object")
     out = {}
     for encoded, spec in raw.items():
         try:
             name = base64.b64decode(encoded).decode()
-            out[name] = describe_sharding(json.loads(spec))
-        except (ValueError, TypeError):
-            continue
+            # Each value is JSON again, inside a string: read as hostile as the file.
+            spec_json = spec.encode() if isinstance(spec, str) else b""
+            out[name] = describe_sharding(_untrusted.parse_json(spec_json, file, "a sharding"))
+        except (ValueError, TypeError, CorruptCheckpointError):
+            continue  # an unreadable spec only leaves that array's sharding unknown
     return out
 
 
@@ -219,29 +248,47 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     return [bytes(r.value) for r in results]
 
 
-def _parse_header(raw: bytes, zarr3: bool) -> tuple[tuple[int, ...], str]:
+def _parse_header(
+    item_dir: AnyPath, name: str, raw: bytes, zarr3: bool
+) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype from one array's zarr header, checked (see :mod:`_untrusted`).
+
+    Raises:
+      CorruptCheckpointError: the header is too deep, or names an impossible shape or dtype.
+      Unrecognised: a header this reader does not know (Orbax's reader gets a try).
+    """
+    file = f"{name}/{'zarr.json' if zarr3 else '.zarray'}"
+    where = item_dir / file
+    header = _untrusted.parse_json(
+        raw, where, "zarr header", lambda why: _bad_header(item_dir, file, why)
+    )
     try:
-        header = json.loads(raw)
-        shape = tuple(int(n) for n in header["shape"])
+        shape = header["shape"]
         dtype = header["data_type"] if zarr3 else header["dtype"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise Unrecognised(f"zarr header {raw[:80]!r}") from err
-    if not isinstance(dtype, str):
-        raise Unrecognised(f"structured dtype {dtype!r}")
-    return shape, dtype_name(dtype)
+    if isinstance(dtype, (dict, list)) and not zarr3:
+        raise Unrecognised(f"structured dtype {dtype!r}"[:120])
+    try:
+        return _untrusted.shape(shape), _untrusted.dtype_name(dtype)
+    except _untrusted.Invalid as err:
+        raise _bad_header(item_dir, file, str(err)) from err
+
+
+def _bad_header(item_dir: AnyPath, file: str, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"Checkpoint at {item_dir} is damaged: the array header {file} {why}; restore it from "
+        "a copy or save it again."
+    )
 
 
 def dtype_name(spec: Any) -> str:
-    """Canonical dtype name (``float32``, ``bfloat16``) of a zarr or numpy dtype spelling."""
-    import numpy as np
+    """Canonical dtype name (``float32``, ``bfloat16``) of a zarr or numpy dtype spelling.
 
-    try:
-        return np.dtype(spec).name
-    except TypeError:
-        import ml_dtypes
-
-        name = str(spec).lstrip("<>|=")
-        return np.dtype(getattr(ml_dtypes, name)).name
+    Raises:
+      ValueError: not a dtype an array can have (see :func:`_untrusted.dtype_name`).
+    """
+    return _untrusted.dtype_name(spec)
 
 
 def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
@@ -265,8 +312,15 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = entry_keys(path)
-        shape = tuple(getattr(leaf, "shape", ()) or ())
-        dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
+        try:  # Orbax read the same untrusted headers: the same checks as the fast reader
+            shape = _untrusted.shape([int(n) for n in getattr(leaf, "shape", ()) or ()])
+            dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
+        except (_untrusted.Invalid, TypeError, ValueError, OverflowError) as err:
+            raise CorruptCheckpointError(
+                f"Checkpoint at {item_dir} is damaged: the array {'.'.join(keys)!r} "
+                f"{err if isinstance(err, _untrusted.Invalid) else 'has an impossible shape'}; "
+                "restore it from a copy or save it again."
+            ) from err
         sharding = _orbax_sharding(getattr(leaf, "sharding", None))
         leaves.append(StoredLeaf(keys, shape, dtype, sharding, key_impls.get(".".join(keys))))
     return leaves
@@ -332,6 +386,17 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             ocp.ArrayRestoreArgs(sharding=sharding, dtype=request.dtype),
         )
 
+    partial = True
+    sequences = _sequence_tree(item_dir)
+    if sequences is not None:
+        # Lists and tuples (optax states, layer lists) restore only into a target of the same
+        # structure: Orbax's partial restore matches a dict template against a stored list and
+        # refuses it. So the target is the checkpoint's own tree, with Orbax's PLACEHOLDER at
+        # every leaf not asked for.
+        item = _fill(*sequences, item, ocp.PLACEHOLDER)
+        restore_args = _fill(*sequences, restore_args, ocp.PLACEHOLDER)
+        partial = False
+
     def restore() -> Any:
         # The handler, not a Checkpointer: on a bucket a Checkpointer wants commit_success.txt
         # in the folder itself, but a step's or a v1 checkpoint's items are finished by the
@@ -341,7 +406,7 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             return handler.restore(
                 _storage.absolute(item_dir),  # Orbax rejects relative paths; we accept them
                 args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True
+                    item=item, restore_args=restore_args, partial_restore=partial
                 ),
             )
         finally:
@@ -353,6 +418,9 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     except CheckpointError:
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
+        legacy = _legacy(item_dir)  # Orbax 0.2.x: no _METADATA, so no partial restore
+        if legacy is not None:
+            return legacy.read_arrays(item_dir, requests)
         raise CorruptCheckpointError(
             f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was left "
             "unchanged, restore the checkpoint from a copy or save it again."
@@ -380,11 +448,75 @@ def _nest(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+# Orbax's KeyType.SEQUENCE in _METADATA: the key is an index into a list or tuple.
+_SEQUENCE_KEY = re.compile(rb'"key_type"\s*:\s*1\b')
+
+
+def _sequence_tree(item_dir: AnyPath) -> tuple[dict, set[tuple[str, ...]]] | None:
+    """The stored tree's shape (nested dicts, leaves None) and the paths of its nodes that are
+    lists or tuples, when it holds one anywhere; else None (the plain partial restore serves).
+
+    Unreadable metadata gives None too: the restore then reports the damage itself.
+    """
+    try:
+        raw = _storage.read_bytes(item_dir / PYTREE_METADATA)
+    except OSError:
+        return None
+    if not _SEQUENCE_KEY.search(raw):  # most trees are dicts only: skip the parse
+        return None
+    shape: dict = {}
+    sequences: set[tuple[str, ...]] = set()
+    try:
+        parsed = _untrusted.parse_json(raw, item_dir / PYTREE_METADATA, "tree metadata")
+        for entry in parsed["tree_metadata"].values():
+            node, keys = shape, entry["key_metadata"]
+            path: tuple[str, ...] = ()
+            for n, key in enumerate(keys):
+                name = str(key["key"])
+                if key.get("key_type") == 1:
+                    sequences.add(path)  # the parent of an index key is a list or tuple
+                path += (name,)
+                if n == len(keys) - 1:
+                    node.setdefault(name, None)
+                else:
+                    if not isinstance(node.get(name), dict):
+                        node[name] = {}
+                    node = node[name]
+    except (CheckpointError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        return None
+    return shape, sequences
+
+
+def _fill(
+    shape: dict,
+    sequences: set[tuple[str, ...]],
+    values: dict,
+    placeholder: Any,
+    path: tuple[str, ...] = (),
+) -> Any:
+    """``values`` (nested dicts, by stored key) laid onto the stored tree ``shape``: lists where
+    the checkpoint has sequences, ``placeholder`` at every leaf not in ``values``."""
+    out = {}
+    for name, sub in shape.items():
+        given = values.get(name, placeholder)
+        if isinstance(sub, dict):
+            given = given if isinstance(given, dict) else {}
+            out[name] = _fill(sub, sequences, given, placeholder, (*path, name))
+        else:
+            out[name] = given
+    if path in sequences:
+        try:
+            return [out[k] for k in sorted(out, key=int)]
+        except ValueError:
+            return out  # not indices after all: leave it a dict and let Orbax judge
+    return out
+
+
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
     for part in path:
         try:
-            tree = tree[part]
-        except (KeyError, TypeError) as err:
+            tree = tree[int(part)] if isinstance(tree, (list, tuple)) else tree[part]
+        except (KeyError, TypeError, IndexError, ValueError) as err:
             raise CorruptCheckpointError(
                 f"Orbax returned no value for {'/'.join(path)}; the target was left unchanged, "
                 "restore the checkpoint from a copy or save it again."

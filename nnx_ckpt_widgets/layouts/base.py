@@ -30,12 +30,15 @@ class StepInfo:
       path: the step's folder.
       items: names of the pytree items (checkpointables) saved at this step, sorted.
       metrics: the metrics kept for this step (numbers and strings only).
+      reason: why the step cannot be restored (damaged, interrupted, empty, a link that
+        leads nowhere); empty for a restorable step.
     """
 
     step: int
     path: AnyPath
     items: tuple[str, ...]
     metrics: Mapping[str, Any]
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +85,14 @@ class Location:
       step: the chosen step, under a root of steps or in a step folder.
       item: the chosen item (checkpointable), when the checkpoint names its items.
       steps: the restorable steps of a root, ascending; empty otherwise.
+      unrestorable: the root's step folders that cannot be restored, ascending, each with
+        its ``reason``; they never hide the restorable ones.
       items: the items of the chosen step or checkpoint.
       custom_metadata: what the saver passed as ``custom_metadata=`` (a safetensors
         file's ``__metadata__``).
       config: a model's ``config.json`` found beside its weights.
+      notes: what the user should know about how the path was read (pickles beside
+        safetensors that were ignored, keys holding ``/``), one sentence each.
       layout_data: what the layout read while locating and needs again (never shown).
     """
 
@@ -99,6 +106,8 @@ class Location:
     items: tuple[str, ...] = ()
     custom_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config: Mapping[str, Any] | None = None
+    unrestorable: tuple[StepInfo, ...] = ()
+    notes: tuple[str, ...] = ()
     layout_data: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 

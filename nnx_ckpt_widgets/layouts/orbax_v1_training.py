@@ -14,6 +14,8 @@ from nnx_ckpt_widgets.layouts.base import Location
 class OrbaxV1TrainingLayout(_pytree.PyTreeReads):
     name = "training.Checkpointer root"
     signature = "step folders of Orbax v1 items"
+    # A root of steps: never tried as the checkpoint inside one step folder.
+    holds_steps = True
 
     def matches(self, listing: Listing) -> bool:
         if listing.is_file:

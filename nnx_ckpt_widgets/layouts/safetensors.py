@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-import json
 import math
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from nnx_ckpt_widgets import _storage
+from nnx_ckpt_widgets import _storage, _untrusted
 from nnx_ckpt_widgets._storage import AnyPath, Listing
 from nnx_ckpt_widgets._text import clip
 from nnx_ckpt_widgets.errors import (
@@ -68,14 +68,16 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E5M2": ("float8_e5m2", 1),
     "F8_E8M0": ("float8_e8m0fnu", 1),
 }
+_ITEMSIZES = {name: size for name, (_, size) in DTYPES.items()}
+_NUMPY_NAMES = {name: numpy for name, (numpy, _) in DTYPES.items()}
 # What Orbax 0.12.8's reader can read (its _get_dtypes), for files in a bucket; local files
 # are read directly (see ``SafetensorsLayout.read``) and take every dtype above.
 ORBAX_READABLE = frozenset(DTYPES) - {"F8_E8M0"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    """One tensor of one file, validated."""
+class Tensor(NamedTuple):
+    """One tensor of one file, validated (a NamedTuple: a header may hold 10^6 of them, and a
+    tuple is built in a quarter of the time of a frozen dataclass)."""
 
     name: str
     file: AnyPath
@@ -128,60 +130,75 @@ def read_header(file: AnyPath) -> Header:
             f"Cannot read safetensors file {file}: {err.strerror or err}; check that it exists "
             "and is readable."
         ) from err
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise _damaged(file, "its header is not JSON") from err
-    if not isinstance(parsed, dict):
-        raise _damaged(file, "its header is not a JSON object")
-    data_size = total - 8 - length
-    metadata = parsed.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _damaged(file, "its __metadata__ is not a map of strings")
-    tensors = [_tensor(file, name, entry, 8 + length, data_size) for name, entry in parsed.items()]
-    spans = sorted((t.begin, t.end, t.name) for t in tensors if t.end > t.begin)
-    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
-        if begin < end:
-            raise _damaged(file, f"tensors {clip(first, 60)!r} and {clip(second, 60)!r} overlap")
-    return Header(file, tuple(tensors), dict(metadata))
+    with _untrusted.no_gc():
+        parsed = _untrusted.parse_json(
+            raw, file, "safetensors header", lambda why: _damaged(file, f"its header {why}")
+        )
+        del raw  # as large as the parsed header: freed before the checks
+        if type(parsed) is not dict:
+            raise _damaged(file, "its header is not a JSON object")
+        metadata = parsed.pop("__metadata__", None) or {}
+        if type(metadata) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in metadata.items()
+        ):
+            raise _damaged(file, "its __metadata__ is not a map of strings")
+        tensors = _tensors(file, parsed, 8 + length, total - 8 - length)
+        _check_overlaps(file, tensors)
+        return Header(file, tuple(tensors), dict(metadata))
 
 
-def _tensor(file: AnyPath, name: object, entry: object, start: int, data_size: int) -> Tensor:
-    if not isinstance(name, str) or not isinstance(entry, dict):
-        raise _damaged(file, f"its entry {clip(str(name), 60)!r} is not a tensor description")
-    shown = clip(name, 60)
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _damaged(file, f"tensor {shown!r} has the unknown dtype {clip(str(dtype), 20)!r}")
-    if not (
-        isinstance(shape, list)
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-    ):
-        raise _damaged(file, f"tensor {shown!r} has an invalid shape")
-    if not (
-        isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    ):
-        raise _damaged(file, f"tensor {shown!r} has invalid data_offsets")
-    begin, end = offsets
-    if end > data_size:
-        raise _damaged(
-            file,
-            f"tensor {shown!r} ends at byte {end:,} of the data but the file holds only "
-            f"{data_size:,} (a truncated download?)",
-        )
-    expected = math.prod(shape) * DTYPES[dtype][1]
-    if end - begin != expected:
-        raise _damaged(
-            file,
-            f"tensor {shown!r} spans {end - begin:,} bytes but shape {tuple(shape)} of "
-            f"{dtype} needs {expected:,}",
-        )
-    return Tensor(name, file, dtype, tuple(shape), begin, end, start + begin)
+def _tensors(file: AnyPath, parsed: dict[str, Any], start: int, data_size: int) -> list[Tensor]:
+    """Every entry of a parsed header, checked (dtype, shape, offsets, sizes) in one pass.
+
+    One tight loop over up to 10^6 entries: a hostile 60 MB header must fail, and a valid one
+    pass, in a fraction of the time ``json.loads`` took (benchmark case 30).
+    """
+    tensors: list[Tensor] = []
+    append = tensors.append
+    itemsizes = _ITEMSIZES
+    shape_of, span_of, prod = _untrusted.shape, _untrusted.span, math.prod
+    for name, entry in parsed.items():
+        if type(entry) is not dict:
+            raise _damaged(file, f"its entry {clip(name, 60)!r} is not a tensor description")
+        dtype = entry.get("dtype")
+        if type(dtype) is not str or dtype not in itemsizes:
+            shown = clip(dtype, 20) if type(dtype) is str else f"of type {type(dtype).__name__}"
+            raise _damaged(file, f"tensor {clip(name, 60)!r} has the unknown dtype {shown!r}")
+        try:
+            shape = shape_of(entry.get("shape"))
+            begin, end = span_of(entry.get("data_offsets"), data_size)
+        except _untrusted.Invalid as err:
+            raise _damaged(file, f"tensor {clip(name, 60)!r}: {err}") from err
+        if end > data_size:
+            raise _damaged(
+                file,
+                f"tensor {clip(name, 60)!r} ends at byte {end:,} of the data but the file holds "
+                f"only {data_size:,} (a truncated download?)",
+            )
+        if end - begin != prod(shape) * itemsizes[dtype]:
+            raise _damaged(
+                file,
+                f"tensor {clip(name, 60)!r} spans {end - begin:,} bytes but shape {shape} of "
+                f"{dtype} needs {prod(shape) * itemsizes[dtype]:,}",
+            )
+        append(Tensor(name, file, dtype, shape, begin, end, start + begin))
+    return tensors
+
+
+def _check_overlaps(file: AnyPath, tensors: list[Tensor]) -> None:
+    """Raise when two tensors' byte ranges overlap (sorted in NumPy: 10^6 spans in 0.1 s)."""
+    import numpy as np
+
+    if len(tensors) < 2:
+        return
+    begins = np.fromiter(map(operator.itemgetter(4), tensors), np.int64, len(tensors))
+    ends = np.fromiter(map(operator.itemgetter(5), tensors), np.int64, len(tensors))
+    kept = np.flatnonzero(ends > begins)  # an empty tensor overlaps nothing
+    order = kept[np.argsort(begins[kept], kind="stable")]
+    clash = np.flatnonzero(begins[order[1:]] < ends[order[:-1]])
+    if len(clash):
+        first, second = tensors[order[clash[0]]].name, tensors[order[clash[0] + 1]].name
+        raise _damaged(file, f"tensors {clip(first, 60)!r} and {clip(second, 60)!r} overlap")
 
 
 def _index_shards(listing: Listing, index_name: str) -> list[str]:
@@ -275,25 +292,26 @@ class SafetensorsLayout:
         return headers
 
     def leaves(self, location: Location) -> list[StoredLeaf]:
+        with _untrusted.no_gc():  # 10^6 leaves: see no_gc
+            return self._leaves(location)
+
+    def _leaves(self, location: Location) -> list[StoredLeaf]:
         seen: dict[str, AnyPath] = {}
-        leaves = []
-        for header in self.headers(location):
-            for tensor in header.tensors:
-                if tensor.name in seen:
-                    raise CorruptCheckpointError(
-                        f"Safetensors checkpoint at {location.path} is damaged: tensor "
-                        f"{clip(tensor.name, 60)!r} is in both {seen[tensor.name]} and "
-                        f"{tensor.file}; download or save it again."
-                    )
-                seen[tensor.name] = tensor.file
-                leaves.append(
-                    StoredLeaf(
-                        stored_path=tuple(tensor.name.split(".")),
-                        shape=tensor.shape,
-                        dtype=DTYPES[tensor.dtype][0],
-                        sharding=None,
-                    )
-                )
+        leaves: list[StoredLeaf] = []
+        append, names = leaves.append, _NUMPY_NAMES
+        headers = self.headers(location)
+        for header in headers:
+            for name, file, dtype, shape, *_ in header.tensors:
+                # One file's names are one JSON object's keys: only shards can repeat a name.
+                if len(headers) > 1:
+                    if name in seen:
+                        raise CorruptCheckpointError(
+                            f"Safetensors checkpoint at {location.path} is damaged: tensor "
+                            f"{clip(name, 60)!r} is in both {seen[name]} and {file}; download "
+                            "or save it again."
+                        )
+                    seen[name] = file
+                append(StoredLeaf(tuple(name.split(".")), shape, names[dtype], None))
         return leaves
 
     def read(self, location: Location, requests: Sequence[ReadRequest]) -> list[Any]:
@@ -456,4 +474,4 @@ def _file_path(file: str) -> Any:
     from etils import epath
 
     path = epath.Path(file)
-    return path if "://" in file else path.absolute()
+    return path if "://" in file else epath.Path(_storage.absolute(Path(file)))
