@@ -456,6 +456,41 @@ def test_every_dtype_through_orbax_and_out_again(tmp_path, fmt):
     )
 
 
+def test_legacy_flax_msgpack_run_to_orbax_and_safetensors(tmp_path):
+    """A run written by flax.training.checkpoints without Orbax (msgpack files), step 20 of it,
+    to Orbax and to safetensors: the same arrays, bit for bit (bf16 included)."""
+    import warnings
+
+    import flax
+    from flax.training import checkpoints
+
+    rng = np.random.default_rng(0)
+    trees = {
+        step: {
+            "linear1": {"kernel": rng.standard_normal((3, 4)).astype(np.float32)},
+            "linear2": {"kernel": rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16)},
+        }
+        for step in (10, 20)
+    }
+    root = tmp_path / "run"
+    with flax.config.temp_flip_flag("use_orbax_checkpointing", False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # flax's notice about this writer
+        for step, tree in trees.items():
+            checkpoints.save_checkpoint(root, tree, step, keep=5)
+    before = tree_hash(root)
+    ncw.convert(root, tmp_path / "orbax", to="orbax", step=20, progress=False)
+    ncw.convert(root, tmp_path / "st", to="safetensors", step=20, progress=False)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / "orbax")
+    got = library_tensors(tmp_path / "st" / "model.safetensors")
+    for layer in ("linear1", "linear2"):
+        want = trees[20][layer]["kernel"]
+        array = np.asarray(restored[layer]["kernel"])
+        assert array.dtype == want.dtype and array.tobytes() == want.tobytes()
+        assert got[f"{layer}.kernel"][2] == want.tobytes()
+    assert tree_hash(root) == before
+
+
 def test_live_model_to_safetensors_to_load(tmp_path):
     model = make_mlp(11)
     ncw.convert(model, tmp_path / "m.safetensors", progress=False)
