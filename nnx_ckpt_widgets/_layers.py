@@ -343,28 +343,33 @@ def suggest(
             by_last.setdefault(other[-1], []).append(other)
         for (stacked, j), layers in _per_layer_groups(layered).items():
             shape, dtype = next(iter(layers.values()))
+            matches = []
             for other in by_last.get(stacked[-1], ()):
                 big, other_dtype = stacked_side[other]
                 tail = _common_tail(other, stacked)
                 axes = _insertions(shape, big, len(layers))
                 if tail < len(stacked) - j or not axes or other_dtype != dtype:
                     continue
-                target_side = stacked if kind == "unstack" else other
                 ckpt_side = other if kind == "unstack" else stacked
                 head_ckpt = "/".join(ckpt_side[: len(ckpt_side) - tail])
-                head_target = "/".join(target_side[: len(target_side) - tail])
-                if head_ckpt != head_target:
-                    pattern = f"^{re.escape(head_ckpt)}/" if head_ckpt else "^"
-                    rename[pattern] = f"{head_target}/" if head_target else ""
-                prefix = "/".join(stacked[:j])
-                layer_pattern = f"^{re.escape(prefix)}/" if prefix else "^"
-                if kind == "stack":  # the checkpoint side is per-layer, spelled after rename
-                    prefix_t = "/".join(target_side[:j]) if head_ckpt != head_target else prefix
-                    layer_pattern = f"^{re.escape(prefix_t)}/" if prefix_t else "^"
-                key = layer_pattern + r"(\d+/)"
-                option.setdefault(key, axes[0])
-                found.append((stacked, len(layers), axes[0]))
-                break
+                matches.append((len(head_ckpt), head_ckpt, other, tail, axes[0]))
+            if not matches:
+                continue
+            # Several checkpoint arrays may fit (an optimizer's moments have the parameters'
+            # shapes): the one under the shortest prefix is the parameter itself.
+            _, head_ckpt, other, tail, axis = min(matches)
+            target_side = stacked if kind == "unstack" else other
+            head_target = "/".join(target_side[: len(target_side) - tail])
+            if head_ckpt != head_target:
+                pattern = f"^{re.escape(head_ckpt)}/" if head_ckpt else "^"
+                rename[pattern] = f"{head_target}/" if head_target else ""
+            prefix = "/".join(stacked[:j])
+            layer_pattern = f"^{re.escape(prefix)}/" if prefix else "^"
+            if kind == "stack":  # the checkpoint side is per-layer, spelled after rename
+                prefix_t = "/".join(target_side[:j]) if head_ckpt != head_target else prefix
+                layer_pattern = f"^{re.escape(prefix_t)}/" if prefix_t else "^"
+            option.setdefault(layer_pattern + r"(\d+/)", axis)
+            found.append((stacked, len(layers), axis))
         if option:
             kwargs = ({"rename": rename} if rename else {}) | {kind: option}
             n_layers, axis = found[0][1], found[0][2]
@@ -386,7 +391,7 @@ def suggest(
                 head = "/".join(other[: len(other) - tail])
                 heads[head] = heads.get(head, 0) + 1
     if heads:
-        head = max(heads, key=heads.__getitem__)
+        head = max(heads, key=lambda h: (heads[h], -len(h)))
         candidates.append(
             ({"rename": {f"^{re.escape(head)}/": ""}}, f"the checkpoint's keys start with {head}/")
         )

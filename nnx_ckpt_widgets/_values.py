@@ -26,7 +26,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from nnx_ckpt_widgets.errors import CorruptCheckpointError
+from nnx_ckpt_widgets._failures import read_error
+from nnx_ckpt_widgets.errors import CheckpointError, CorruptCheckpointError
 from nnx_ckpt_widgets.layouts import Location, ReadRequest
 from nnx_ckpt_widgets.metadata import LeafInfo
 
@@ -438,6 +439,8 @@ def iter_arrays(
 
     Raises:
       CorruptCheckpointError: the layout could not read a batch, or returned another shape.
+      CheckpointError: another subclass saying why a batch could not be read (out of memory,
+        storage).
     """
     import numpy as np
 
@@ -473,6 +476,10 @@ def iter_arrays(
         for _ in batches:
             batch, values = results.get()
             if isinstance(values, BaseException):
+                if isinstance(values, Exception) and not isinstance(values, CheckpointError):
+                    # What the layout let through (NumPy out of memory), in our words.
+                    path = where or location.data
+                    raise read_error(path, values, unchanged="nothing was changed") from values
                 raise values
             for (leaf, _request), value in zip(batch, values, strict=True):
                 array = np.asarray(value)

@@ -109,6 +109,18 @@ class CheckpointInfo:
     notes: tuple[str, ...] = ()
     location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
+    def located(self) -> Location:
+        """Where the arrays live, for reading them.
+
+        Raises:
+          InvalidArgumentError: this info was built by hand, not by :func:`inspect`.
+        """
+        if self.location is None:
+            raise InvalidArgumentError(
+                f"The CheckpointInfo of {self.path} was not made by inspect(); pass the path."
+            )
+        return self.location
+
     @property
     def num_params(self) -> int:
         """Total number of elements over all arrays."""

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets import _failures, _keypaths
 from nnx_ckpt_widgets.compare import (
     KeyStatus,
     LoadReport,
@@ -33,6 +33,7 @@ from nnx_ckpt_widgets.compare import (
 from nnx_ckpt_widgets.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
+    ShardingMismatchError,
     TargetError,
     TransformError,
     first_line,
@@ -158,7 +159,16 @@ def load(
     from flax import nnx
 
     options = RestoreOptions(strict, missing, unexpected, cast, initialise=True)
-    model = nnx.eval_shape(factory)
+    try:
+        model = nnx.eval_shape(factory)
+    except Exception as err:  # the caller's code: a sharding that does not fit, or a bug
+        found = _failures.read_error(path, err)
+        if isinstance(found, ShardingMismatchError):
+            raise found from err
+        raise InvalidArgumentError(
+            f"The model factory given to load({str(path)!r}) failed ({type(err).__name__}: "
+            f"{first_line(err, 160)}); it must take no arguments and return an NNX model."
+        ) from err
 
     def initial_values(leaves: list[TargetLeaf]) -> list[Any]:
         import jax
@@ -243,7 +253,7 @@ def _execute(
             "compare(path, target) or pass the path to restore()."
         )
     with _target_lock(target):
-        leaves = flatten_target(target)
+        leaves = [_placed_on_mesh(info.path, leaf) for leaf in flatten_target(target)]
         by_name = {_keypaths.join(leaf.path): leaf for leaf in leaves}
         planned = {
             e.path: (e.target_shape, e.target_dtype)
@@ -369,6 +379,32 @@ def _commit(where: str, target: Any, updates: list[tuple[TargetLeaf, Any]]) -> N
             ) from err
 
 
+def _placed_on_mesh(path: Any, leaf: TargetLeaf) -> TargetLeaf:
+    """The leaf with its sharding checked and, on an abstract mesh (``nnx.eval_shape`` under
+    ``jax.set_mesh``), bound to the mesh that is set: before anything is read, and once for
+    the reads, the zero-fills and the transforms alike.
+
+    Raises:
+      ShardingMismatchError: the sharding cannot hold the array on this machine.
+    """
+    if leaf.key_impl is not None or leaf.sharding is None:
+        return leaf  # a key array's sharding describes the key, not its data
+    name = _keypaths.join(leaf.path)
+    sharding = _failures.target_sharding(path, name, leaf.shape, leaf.sharding)
+    return leaf if sharding is leaf.sharding else dataclasses.replace(leaf, sharding=sharding)
+
+
+def _transform_input_sharding(target: TargetLeaf) -> Any:
+    """Where a transform's input goes: replicated on the target's mesh when it has one (a
+    transform that jits then runs on the devices of the mesh that is set), else one device."""
+    import jax
+
+    sharding = target.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and target.key_impl is None:
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def _current(leaf: TargetLeaf) -> Any:
     from flax import nnx
 
@@ -459,11 +495,7 @@ def read_arrays(
         return []
     import jax
 
-    location = info.location
-    if location is None:
-        raise InvalidArgumentError(
-            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
-        )
+    location = info.located()
     default_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     fns = list(transforms) if transforms is not None else [()] * len(pairs)
     requests = []
@@ -475,7 +507,13 @@ def read_arrays(
                 stored_path=leaf.stored_path,
                 shape=leaf.shape,
                 dtype=leaf.dtype if chain else target.dtype,
-                sharding=target.sharding if usable and not chain else default_sharding,
+                sharding=(
+                    _transform_input_sharding(target)
+                    if chain
+                    else target.sharding
+                    if usable
+                    else default_sharding
+                ),
                 scalar_type=target.scalar_type,
             )
         )
@@ -550,11 +588,7 @@ def _read_layered(
     """
     import numpy as np
 
-    location = info.location
-    if location is None:
-        raise InvalidArgumentError(
-            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
-        )
+    location = info.located()
     # Group the entries by the stored arrays they need: all layers of one stacked array
     # (unstack) are one group, so that array is read once.
     groups: dict[tuple, list[int]] = {}
@@ -608,7 +642,7 @@ def _placed(info: CheckpointInfo, entry: KeyStatus, target: TargetLeaf, value: A
         value = run_transforms(
             entry.path,
             entry.transforms,
-            jnp.asarray(value),
+            jax.device_put(value, _transform_input_sharding(target)),
             abstract=False,
             where=f" from {info.path}",
         )

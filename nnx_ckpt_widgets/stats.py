@@ -23,7 +23,6 @@ from nnx_ckpt_widgets._values import (
     progress_callback,
     select_leaves,
 )
-from nnx_ckpt_widgets.errors import InvalidArgumentError
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 
 __all__ = ["ArrayStats", "StatsReport", "stats", "stats_of"]
@@ -343,11 +342,7 @@ def stats_of(
     Raises:
       CheckpointError: the arrays cannot be read.
     """
-    location = info.location
-    if location is None:
-        raise InvalidArgumentError(
-            f"The CheckpointInfo of {info.path} was not made by inspect(); pass the path."
-        )
+    location = info.located()
     callback, close = progress_callback(progress, "stats")
     entries = []
     try:

@@ -279,7 +279,8 @@ def test_cli(case, capfd):
     if at_metadata is None:
         assert (process.returncode, code) == (0, 0), process.stderr + compared.err
         assert process.stdout == str(ncw.inspect(path)) + "\n"
-        assert compared.out == str(ncw.compare(path, wide_mlp())) + "\n"
+        report = ncw.compare(path, wide_mlp())
+        assert compared.out == f"{report}\nPlan (strict): {report.plan()}\n"
         return
     for returncode, out, err in (
         (process.returncode, process.stdout, process.stderr),

@@ -11,10 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from conftest import assert_same_arrays, save_checkpoint, snapshot
 from flax import nnx
+from flax.training import train_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -232,10 +234,16 @@ def maxtext_ckpt(tmp_path_factory):
     model = LinenModel()
     variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
     path = tmp_path_factory.mktemp("maxtext") / "ckpt"
-    # MaxText saves the state's params, which hold the Linen variables: params/params/...
+    # MaxText saves a TrainState, whose params hold the Linen variables (params/params/...),
+    # next to optax's state: tuples and lists, and moments with the parameters' own shapes.
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=variables, tx=optax.adam(1e-2)
+    )
+    grads = jax.tree.map(jnp.ones_like, variables)
+    state = state.apply_gradients(grads=grads)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, {"params": variables, "step": 3})
-    return path, model, variables
+        checkpointer.save(path, state)
+    return path, model, state.params
 
 
 def test_maxtext_scanned_checkpoint_into_per_layer_nnx_model(maxtext_ckpt):

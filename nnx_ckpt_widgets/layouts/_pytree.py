@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from nnx_ckpt_widgets import _storage, _untrusted
+from nnx_ckpt_widgets._failures import read_error, target_sharding
+from nnx_ckpt_widgets._failures import reason as reason  # orbax_legacy uses _pytree.reason
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
     CorruptCheckpointError,
     StorageError,
     first_line,
-    is_bare,
 )
 from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StoredLeaf
 
@@ -232,13 +233,14 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
         futures = [store.read(f"{name}/{header}") for name in names]
         results = [f.result(timeout=wait) for f in futures]
     except (ValueError, RuntimeError, OSError, TimeoutError) as err:
-        transport = _storage.storage_error(item_dir, err)
-        if transport is not None:
-            raise transport from err
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
-            f"read ({first_line(err)}); restore it from a copy or save it again."
-        ) from err
+        # Out of memory or a storage that does not answer is not damage: say which case.
+        failure = read_error(item_dir, err, metadata=True, unchanged="nothing was changed")
+        if isinstance(failure, CorruptCheckpointError):
+            failure = CorruptCheckpointError(
+                f"Checkpoint at {item_dir} is damaged: its OCDBT manifest or metadata cannot be "
+                f"read ({first_line(err)}); restore it from a copy or save it again."
+            )
+        raise failure from err
     missing = [n for n, r in zip(names, results, strict=True) if r.state != "value"]
     if missing:
         raise CorruptCheckpointError(
@@ -301,11 +303,8 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
         )
     except CheckpointError:
         raise
-    except Exception as err:  # Orbax raises many unrelated types for damaged metadata.
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} is damaged: Orbax cannot read its metadata "
-            f"({first_line(err)}); restore it from a copy or save it again."
-        ) from err
+    except Exception as err:  # Orbax raises many unrelated types; say which case this is
+        raise read_error(item_dir, err, metadata=True, unchanged="nothing was changed") from err
     tree = getattr(metadata, "tree", metadata)
     # Orbax's metadata gives a key array's data (uint32), not that it held keys.
     key_impls = _read_key_impls(item_dir)
@@ -352,7 +351,10 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     every Orbax layout: measured on 10,000 leaves and on 1 GiB, see ``benchmarks/cases.py``.
 
     Raises:
-      CorruptCheckpointError: Orbax or TensorStore cannot read the data.
+      CorruptCheckpointError: the data is damaged.
+      ShardingMismatchError: a request's sharding does not fit this machine or the array.
+      ResourceExhaustedError: the machine ran out of memory.
+      CheckpointError: any other failure of Orbax or TensorStore, with its cause named.
     """
     if not requests:
         return []
@@ -377,7 +379,9 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             _nest(item, request.stored_path, request.scalar_type(0))
             _nest(restore_args, request.stored_path, ocp.RestoreArgs())
             continue
-        sharding = request.sharding
+        # Checked before any read: a mismatch names its array, and is never called damage.
+        name = "/".join(request.stored_path)
+        sharding = target_sharding(item_dir, name, request.shape, request.sharding)
         abstract = jax.ShapeDtypeStruct(request.shape, request.dtype, sharding=sharding)
         _nest(item, request.stored_path, abstract)
         _nest(
@@ -417,29 +421,11 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
         return [_get(restored, request.stored_path) for request in requests]
     except CheckpointError:
         raise
-    except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
+    except Exception as err:  # Orbax and TensorStore raise many types: say which case this is
         legacy = _legacy(item_dir)  # Orbax 0.2.x: no _METADATA, so no partial restore
         if legacy is not None:
             return legacy.read_arrays(item_dir, requests)
-        raise CorruptCheckpointError(
-            f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was left "
-            "unchanged, restore the checkpoint from a copy or save it again."
-        ) from err
-
-
-def reason(err: BaseException) -> str:
-    """The most precise line in an error's chain: Orbax wraps TensorStore's precise error in a
-    vague one, but the innermost can also be a bare token (a ``StopIteration`` saying ``0``)."""
-    chain, seen = [err], {id(err)}
-    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        if id(inner) in seen:
-            break
-        seen.add(id(inner))
-        chain.append(inner)
-    for candidate in reversed(chain):
-        if not is_bare(candidate) and "<bound method" not in str(candidate):
-            return first_line(candidate)
-    return first_line(err)
+        raise read_error(item_dir, err) from err
 
 
 def _nest(tree: dict, path: tuple[str, ...], value: Any) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nnx_ckpt_widgets import _storage, _untrusted
+from nnx_ckpt_widgets._failures import read_error, target_sharding
 from nnx_ckpt_widgets._storage import AnyPath, Listing
 from nnx_ckpt_widgets._text import clip
 from nnx_ckpt_widgets.errors import (
@@ -335,6 +336,15 @@ class SafetensorsLayout:
         every = [t for h in self.headers(location) for t in h.tensors]
         by_name = {t.name: t for t in every}
         tensors = [by_name[".".join(request.stored_path)] for request in requests]
+        # Checked before any read: a mismatch names its tensor, and is never called damage.
+        requests = [
+            r
+            if r.host
+            else dataclasses.replace(
+                r, sharding=target_sharding(location.path, t.name, t.shape, r.sharding)
+            )
+            for t, r in zip(tensors, requests, strict=True)
+        ]
         # A file holding a dtype Orbax cannot read (F8_E8M0) is read directly from a bucket
         # too, one ranged read per tensor: older Orbax rejects the whole file's header.
         unreadable = {str(t.file) for t in every if t.dtype not in ORBAX_READABLE}
@@ -346,22 +356,27 @@ class SafetensorsLayout:
         via_orbax = [(t, r) for t, r, d in zip(tensors, requests, direct, strict=True) if not d]
         values = self._read_orbax(location, via_orbax) if via_orbax else {}
         out = []
-        with warnings.catch_warnings():
-            # A 64-bit tensor on 32-bit JAX: JAX narrows it and warns; the report already
-            # lists it as a cast, which restore allows only with cast=True.
-            warnings.filterwarnings("ignore", "Explicitly requested dtype", UserWarning)
-            for tensor, request, is_direct in zip(tensors, requests, direct, strict=True):
-                if is_direct:
-                    value = _read_direct(location, tensor)
-                    if not request.host:
-                        value = _device_put(value, request.sharding)
-                else:
-                    value = values[tensor.name]
-                    if request.host:
-                        value = np.asarray(value)
-                if str(value.dtype) != request.dtype:
-                    value = value.astype(request.dtype)
-                out.append(value)
+        try:
+            with warnings.catch_warnings():
+                # A 64-bit tensor on 32-bit JAX: JAX narrows it and warns; the report already
+                # lists it as a cast, which restore allows only with cast=True.
+                warnings.filterwarnings("ignore", "Explicitly requested dtype", UserWarning)
+                for tensor, request, is_direct in zip(tensors, requests, direct, strict=True):
+                    if is_direct:
+                        value = _read_direct(location, tensor)
+                        if not request.host:
+                            value = _device_put(value, request.sharding)
+                    else:
+                        value = values[tensor.name]
+                        if request.host:
+                            value = np.asarray(value)
+                    if str(value.dtype) != request.dtype:
+                        value = value.astype(request.dtype)
+                    out.append(value)
+        except CheckpointError:
+            raise
+        except Exception as err:  # NumPy or JAX: out of memory, a device that does not fit
+            raise _read_error(location, err) from err
         return out
 
     def _read_orbax(
@@ -395,13 +410,15 @@ class SafetensorsLayout:
                     values.update(_storage.guarded(path, functools.partial(v1.load, path, target)))
         except CheckpointError:
             raise
-        except Exception as err:  # Orbax raises ValueError, OSError, ... for damaged data
-            raise CorruptCheckpointError(
-                f"Safetensors checkpoint at {location.path} could not be read "
-                f"({clip(str(err), 200)}); the target was left unchanged, download or save it "
-                "again."
-            ) from err
+        except Exception as err:  # Orbax raises ValueError, OSError, ...: say which case
+            raise _read_error(location, err) from err
         return values
+
+
+def _read_error(location: Location, err: Exception) -> CheckpointError:
+    return read_error(
+        location.path, err, what="Safetensors checkpoint", damaged="download or save it again"
+    )
 
 
 _ALIGN = 64  # what XLA's CPU client needs to alias a host buffer
@@ -417,11 +434,8 @@ def _read_direct(location: Location, tensor: Tensor) -> Any:
             data = _storage.read_range(tensor.file, tensor.offset, tensor.nbytes)
         except CheckpointError:
             raise
-        except OSError as err:
-            raise CorruptCheckpointError(
-                f"Safetensors checkpoint at {location.path} could not be read ({err}); the "
-                "target was left unchanged, check that the bucket is reachable and try again."
-            ) from err
+        except OSError as err:  # a missing object is damage; anything else is not
+            raise _read_error(location, err) from err
         _check_length(location, tensor, len(data))
         return np.frombuffer(data, _numpy_dtype(tensor.dtype)).reshape(tensor.shape).copy()
 
@@ -433,12 +447,8 @@ def _read_direct(location: Location, tensor: Tensor) -> Any:
     array = raw.view(_numpy_dtype(tensor.dtype)).reshape(tensor.shape)
     try:
         got = _storage.read_into(tensor.file, tensor.offset, raw.data)
-    except OSError as err:
-        raise CorruptCheckpointError(
-            f"Safetensors checkpoint at {location.path} could not be read "
-            f"({err.strerror or err}); the target was left unchanged, check that "
-            f"{tensor.file} is readable."
-        ) from err
+    except OSError as err:  # a file gone since it was inspected is damage; EACCES is not
+        raise _read_error(location, err) from err
     _check_length(location, tensor, got)
     return array
 
