@@ -1151,4 +1151,5 @@ def case_convert_rss(tmp: Path, size: Size) -> list[Result]:
     ]
 
 
-ALL += [(18, case_convert), (19, case_convert_rss)]
+# In number order with the cases above (defined after the list, so added here).
+ALL = sorted([*ALL, (18, case_convert), (19, case_convert_rss)], key=lambda case: case[0])
