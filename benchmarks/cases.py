@@ -1029,3 +1029,127 @@ ALL = [
     (25, case_unstack),
     (30, case_hostile_header),
 ]
+
+
+def _fresh(path: Path) -> Path:
+    """``path``, after removing what the last run of a side wrote there (both sides pay it)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def case_convert(tmp: Path, size: Size) -> list[Result]:
+    """convert of 1 GiB (Orbax -> safetensors, and a live model's export) vs save_file.
+
+    The references: a bare restore plus ``safetensors.numpy.save_file``, which holds the whole
+    GiB; ``save_file`` of the live model's flattened state."""
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    import nnx_ckpt_widgets as nw
+
+    path = big_checkpoint(tmp, size)
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    checkpointer = ocp.StandardCheckpointer()
+    ours_dst, ref_dst = tmp / "convert_ours", tmp / "convert_ref.safetensors"
+
+    def ours():
+        nw.convert(path, _fresh(ours_dst), to="safetensors", progress=False)
+
+    def reference():
+        state = checkpointer.restore(path, abstract)
+        save_file({n: np.asarray(state[n][...]) for n in names}, _fresh(ref_dst))
+
+    ours_t, ref_t = alternate(ours, reference, size.repeats)
+    expected = np.asarray(model_cls(names[:1], 0).w00[...])
+    check = nw.load(ours_dst, lambda: model_cls(names, 1))
+    np.testing.assert_array_equal(np.asarray(check.w00[...]), expected)
+    del check
+
+    model = model_cls(names, 0)
+    live_dst, flat_dst = tmp / "export_ours", tmp / "export_ref.safetensors"
+
+    def export():
+        nw.convert(model, _fresh(live_dst), to="safetensors", progress=False)
+
+    def flat_save():
+        save_file({n: np.asarray(getattr(model, n)[...]) for n in names}, _fresh(flat_dst))
+
+    export_t, flat_t = alternate(export, flat_save, size.repeats)
+    for dst in (ours_dst, ref_dst, live_dst, flat_dst):
+        _fresh(dst)
+    gib = size.arrays * size.side**2 * 4 / 2**30
+    return [
+        Result(
+            18,
+            f"convert {gib:.3g} GiB Orbax -> safetensors vs bare restore + save_file",
+            ours_t,
+            ref_t,
+            target=1.2,
+        ),
+        Result(
+            18, "export a live model vs save_file of its flat state", export_t, flat_t, target=1.2
+        ),
+    ]
+
+
+_CONVERT_RSS_CODE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from benchmarks.cases import Size, _abstract_state, _big_model
+size = Size(**json.loads({size!r}))
+if {ours!r}:
+    import nnx_ckpt_widgets as nw
+    nw.convert({path!r}, {dst!r}, to="safetensors", progress=False)
+else:
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+    model_cls, names = _big_model(size)
+    _, abstract = _abstract_state(model_cls, names)
+    state = ocp.StandardCheckpointer().restore({path!r}, abstract)
+    save_file({{n: np.asarray(state[n][...]) for n in names}}, {dst!r})
+{peak}
+"""
+
+
+def case_convert_rss(tmp: Path, size: Size) -> list[Result]:
+    """Peak RSS of convert to safetensors vs bare restore + save_file, fresh process each."""
+    path = big_checkpoint(tmp, size)
+    size_json = json.dumps(dataclasses.asdict(size))
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(3 if size.repeats > 1 else 1):
+        for ours in (True, False) if i % 2 == 0 else (False, True):
+            dst = _fresh(tmp / ("rss_ours" if ours else "rss_ref.safetensors"))
+            code = _CONVERT_RSS_CODE.format(
+                repo=str(REPO),
+                size=size_json,
+                ours=ours,
+                path=str(path),
+                dst=str(dst),
+                peak=PEAK_KIB,
+            )
+            peaks[ours].append(int(run_python(code).split()[-1]))
+            _fresh(dst)
+    ours_kib, ref_kib = (sorted(p)[len(p) // 2] for p in (peaks[True], peaks[False]))
+    largest = size.side**2 * 4 / 2**20
+    limit = 2 * largest + 300
+    return [
+        Result(
+            19,
+            "peak RSS of convert to safetensors (VmHWM, fresh process each)",
+            ours_kib / 1024,
+            ref_kib / 1024,
+            "MiB",
+            target=1.0,
+            absolute_limit=limit,
+            note=f"limit: largest array x 2 + 300 MiB = {limit:.0f} MiB",
+        )
+    ]
+
+
+# In number order with the cases above (defined after the list, so added here).
+ALL = sorted([*ALL, (18, case_convert), (19, case_convert_rss)], key=lambda case: case[0])

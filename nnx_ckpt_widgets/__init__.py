@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnx_ckpt_widgets import _versions
 from nnx_ckpt_widgets.compare import KeyStatus, LoadReport, compare
+from nnx_ckpt_widgets.convert import ConvertedKey, ConvertPlan, convert
 from nnx_ckpt_widgets.diff import LARGE_CHANGE, ArrayDiff, DiffEntry, DiffReport, diff
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
@@ -62,6 +63,8 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "ConvertPlan",
+    "ConvertedKey",
     "CorruptCheckpointError",
     "DiffEntry",
     "DiffReport",
@@ -93,6 +96,7 @@ __all__ = [
     "check_steps",
     "compare",
     "compare_states",
+    "convert",
     "diff",
     "inspect",
     "load",

@@ -1,4 +1,5 @@
-"""Command line: ``inspect PATH``, ``compare PATH --model M:F``, ``stats PATH``, ``diff A [B]``.
+"""Command line: ``inspect PATH``, ``compare PATH --model M:F``, ``stats PATH``, ``diff A [B]``,
+``convert SRC DST``.
 
 Each prints the same text as the library. On error they print the one-line message and exit 1,
 with no traceback. ``stats`` and ``diff`` with ``--fail-on-nan`` exit 3 when NaN or Inf is
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "how a checkpoint fits a model: the load report"),
         ("stats", "value statistics of each array: min, max, mean, std, norm, NaN, Inf, zeros"),
         ("diff", "how two checkpoints, or two steps of a root, differ array by array"),
+        ("convert", "write a checkpoint as Hugging Face safetensors or as an Orbax checkpoint"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument(
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             help="an Orbax checkpoint (v0 or v1), a root of steps, a step folder, or "
             "safetensors (a file, or a folder of shards with their index); local or gs://",
         )
+        if name == "convert":
+            _convert_arguments(sub)
         if name == "diff":
             sub.add_argument("other", nargs="?", help="the second checkpoint (default: PATH)")
             sub.add_argument(
@@ -121,6 +125,34 @@ def _parser() -> argparse.ArgumentParser:
                     "'^decoder/layers/(\\d+/)' 1",
                 )
     return parser
+
+
+def _convert_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "dst", help="the folder to write (or a file ending in .safetensors); it must not exist"
+    )
+    sub.add_argument(
+        "--to",
+        choices=("safetensors", "orbax", "orbax-v1"),
+        help="the format to write (default: from DST's suffix .safetensors)",
+    )
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print what would be written, and write nothing"
+    )
+    sub.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="bytes per safetensors file, e.g. 5GB or 500MiB (default: 5GB)",
+    )
+    sub.add_argument(
+        "--select", metavar="REGEX", help="only the arrays whose key matches, e.g. ^model/"
+    )
+    sub.add_argument(
+        "--cast", metavar="DTYPE", help="cast every float array to this dtype, e.g. bfloat16"
+    )
+    sub.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _load_factory(spec: str):
@@ -229,6 +261,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnx_ckpt_widgets import compare, diff, inspect, stats
 
     try:
+        if args.command == "convert":
+            from nnx_ckpt_widgets import convert
+
+            written = convert(
+                args.path,
+                args.dst,
+                to=args.to,
+                step=args.step,
+                item=args.item,
+                select=args.select,
+                cast=args.cast,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                progress=False if args.no_progress else None,
+            )
+            print(_json(written.as_dict()) if args.json else written)
+            return 0
         if args.command == "stats":
             progress = False if args.no_progress else None
             found = stats(

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -127,6 +128,11 @@ def _every_entry_point(path: Path, steps: tuple[int, int] | None) -> Iterator[tu
     second = ["--steps", *map(str, steps)] if steps else [str(path)]
     for args in (["inspect"], ["stats", "--no-progress"], ["diff", *second, "--no-progress"]):
         yield "cli " + args[0], lambda args=args: cli([args[0], str(path), *args[1:]])
+    # convert writes only its own new destination, outside the checkpoint.
+    out = Path(tempfile.mkdtemp(prefix="nnx-ckpt-convert-"))
+    yield "convert", lambda: ncw.convert(path, out / "st", to="safetensors", progress=False)
+    yield "convert orbax", lambda: ncw.convert(path, out / "v1", to="orbax-v1", progress=False)
+    yield "cli convert", lambda: cli(["convert", str(path), str(out / "v0"), "--to", "orbax"])
 
 
 LAYOUTS = (
