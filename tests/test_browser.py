@@ -996,33 +996,18 @@ LAYOUT_WIDTHS = (800, 1280, 1600)
 THEMES = ("light", "dark")
 RUN_TIMEOUT_MS = 600_000  # one Run All of the slowest tutorial on a busy 2-core machine
 
-# Notebooks 05 and 10 start the GCS emulator; on this branch its relay keeps its port after
-# close(), so a second Run All fails at GCSEmulator().start() with "Address already in use"
-# (issue 27; emulator.py is fixed on the "teach" branch). Strict: once the fix is merged these
-# XPASS, which fails: then drop the mark.
-_RELAY = pytest.mark.xfail(
-    strict=True,
-    reason="emulator relay keeps its port after close(): second Run All fails (issue 27)",
-)
-
-
 # Layout faults in a notebook's own text, which only the notebook can fix: notebook -> (why,
 # what every problem found must mention). The runs are still checked; the layout is xfailed,
-# and a notebook that lays out well fails here until it is taken off this list.
-_WIDE_TABLE = (
-    "the v0 -> v1 markdown table is wider than the page at 800 and 1280 px; JupyterLab "
-    "scrolls the whole markdown cell, with its scrollbar a screen below the table",
-    "jp-MarkdownOutput, whose scrollbar is",
-)
-CONTENT_TO_FIX = {"08_orbax_v1.ipynb": _WIDE_TABLE, "zh/08_orbax_v1.ipynb": _WIDE_TABLE}
+# and a notebook that lays out well fails here until it is taken off this list. (Notebook 08's
+# v0 -> v1 table was here until it became a list.)
+CONTENT_TO_FIX: dict[str, tuple[str, str]] = {}
 
 
 def _tutorials() -> list:
     params = []
     for path in sorted(TUTORIALS.glob("*.ipynb")) + sorted(TUTORIALS.glob("zh/*.ipynb")):
         name = path.relative_to(TUTORIALS).as_posix()
-        marks = [_RELAY] if path.name.startswith(("05_", "10_")) else []
-        params.append(pytest.param(name, marks=marks, id=name.removesuffix(".ipynb")))
+        params.append(pytest.param(name, id=name.removesuffix(".ipynb")))
     return params
 
 
