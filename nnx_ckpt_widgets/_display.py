@@ -11,6 +11,7 @@ the status colours are :data:`nnx_ckpt_widgets.render.COLOURS`, shared with the 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from nnx_ckpt_widgets.render import COLOURS
@@ -258,3 +259,81 @@ class ProgressRow:
 
     def hide(self) -> None:
         self.box.layout.display = "none"
+
+
+TICK = 0.25  # seconds between updates of the elapsed time and the progress row
+PROGRESS_AFTER = 1.0  # seconds: work that takes longer shows the progress row
+
+
+class Worker:
+    """A panel's background work: one job at a time in a thread, with a ticker.
+
+    ``start`` runs ``job`` in a daemon thread unless one is running (the caller's button is
+    disabled first, through ``on_busy``); while it runs, ``on_tick(elapsed)`` is called every
+    :data:`TICK` seconds and the progress row shows after :data:`PROGRESS_AFTER`. The job may
+    return a function that shows its outcome: it runs once the ticker has stopped, so no tick
+    can overwrite the outcome; then the row hides and ``on_busy(False)`` re-enables the
+    controls. ``wait`` blocks until it all ends, for notebooks that click from Python. Elapsed
+    time is read from this module's ``time``, which tests replace with a clock they move.
+    """
+
+    def __init__(self, name: str, row: ProgressRow, on_busy: Any) -> None:
+        import threading
+
+        self.name, self.row, self.on_busy = name, row, on_busy
+        self.lock = threading.Lock()
+        self.running = False
+        self.elapsed: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, job: Any, *args: Any, on_tick: Any = None) -> bool:
+        """Run ``job(*args)`` in the background; False when a job is already running."""
+        import threading
+
+        with self.lock:
+            if self.running:
+                return False  # a second click must not start a second job
+            self.running = True
+            self.on_busy(True)
+            self._thread = threading.Thread(
+                target=self._run, args=(job, args, on_tick), name=self.name, daemon=True
+            )
+            self._thread.start()
+        return True
+
+    def _run(self, job: Any, args: tuple, on_tick: Any) -> None:
+        import threading
+
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(TICK):
+                elapsed = time.perf_counter() - start
+                if on_tick is not None:
+                    on_tick(elapsed)
+                if elapsed >= PROGRESS_AFTER:
+                    self.row.show(elapsed)
+
+        ticker = threading.Thread(target=tick, name=f"{self.name}-tick", daemon=True)
+        ticker.start()
+        finish = None
+        try:
+            finish = job(*args)
+        finally:
+            done.set()
+            ticker.join()
+            self.elapsed = time.perf_counter() - start
+            try:
+                if finish is not None:
+                    finish()
+            finally:
+                self.row.hide()
+                self.running = False
+                self.on_busy(False)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the running job (if any) ends."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)

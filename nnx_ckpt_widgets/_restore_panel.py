@@ -17,24 +17,22 @@ blocks until the restore has finished, for notebooks that click from Python.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text, render
-from nnx_ckpt_widgets._display import ProgressRow, one_line
+from nnx_ckpt_widgets._display import PROGRESS_AFTER, ProgressRow, Worker, one_line
+
+__all__ = ["PROGRESS_AFTER", "RestorePanel"]
 from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, flatten_target
 from nnx_ckpt_widgets.metadata import CheckpointInfo
 from nnx_ckpt_widgets.plan import MISSING_POLICIES, UNEXPECTED_POLICIES, RestorePlan
 from nnx_ckpt_widgets.restore import apply_plan
 
 State = Literal["ready", "warn", "running", "done", "failed"]
-_TICK = 0.25  # seconds between updates of the elapsed time and progress while a restore runs
-PROGRESS_AFTER = 1.0  # seconds: a restore that takes longer shows a progress bar
 _STRICT = "error"  # what the disabled lenient options show in strict mode
 
 
@@ -81,8 +79,6 @@ class RestorePanel(w.VBox):
         self.error: BaseException | None = None
         self.result: LoadReport | None = None
         self.elapsed: float | None = None  # seconds the last restore took
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._syncing = False  # set while the panel itself moves option values
         self._lenient = {"missing": "keep", "unexpected": "ignore", "cast": False}
         self.report_html = w.HTML()
@@ -113,6 +109,7 @@ class RestorePanel(w.VBox):
         self.button.layout.min_width = "max-content"
         self.button.add_class("nnx-ckpt-restore")
         self._row = ProgressRow("nnx-ckpt-progress", "nnx-ckpt-progress-text")
+        self._worker = Worker("nnx-ckpt-restore", self._row, self._busy)
         self.bar, self.bar_text, self.progress = self._row.bar, self._row.text, self._row.box
         self.status_html = w.HTML()
         for option in (self.mode, self.missing, self.unexpected, self.cast):
@@ -201,46 +198,28 @@ class RestorePanel(w.VBox):
         return "ready", plan.summary().rstrip(".")
 
     def _clicked(self, _button: Any = None) -> None:
-        with self._lock:
-            if self.running:
-                return  # a restore is running: this click must not start another
-            self.running = True
-            self._enable(False)
-            self.error = self.result = None
-            self._thread = threading.Thread(
-                target=self._run,
-                args=(self.plan(),),
-                name="nnx-ckpt-restore",
-                daemon=True,
-            )
-            self._thread.start()
+        plan = self.plan()
+        what = f"{_text.plural(plan.read_arrays, 'array')} ({_text.human_bytes(plan.read_bytes)})"
 
-    def _run(self, plan: RestorePlan) -> None:
+        def tick(elapsed: float) -> None:
+            self._set_status("running", f"Restoring {what}…", f"{elapsed:.1f} s")
+
+        self._worker.start(self._run, plan, what, on_tick=tick)
+
+    def _busy(self, busy: bool) -> None:
+        self.running = busy
+        self._enable(not busy)
+
+    def _run(self, plan: RestorePlan, what: str) -> Callable[[], None]:
+        """The restore, in the worker's thread; returns what shows its outcome."""
+        self.error = self.result = None
         report = plan.report
-        nbytes = plan.read_bytes
-        what = f"{_text.plural(plan.read_arrays, 'array')} ({_text.human_bytes(nbytes)})"
-        self._row.update(0, nbytes)
-        start = time.perf_counter()
-        done = threading.Event()
-
-        def tick() -> None:
-            while not done.wait(_TICK):
-                elapsed = time.perf_counter() - start
-                self._set_status("running", f"Restoring {what}…", f"{elapsed:.1f} s")
-                if elapsed >= PROGRESS_AFTER:
-                    self._row.show(elapsed)
-
+        self._row.update(0, plan.read_bytes)
         self._set_status("running", f"Restoring {what}…", "0.0 s")
-        ticker = threading.Thread(target=tick, name="nnx-ckpt-restore-tick", daemon=True)
-        ticker.start()
         try:
             result = apply_plan(plan, self.model, progress=self._row.update)
         except Exception as err:  # every failure becomes the status line; the model is intact
-            done.set()
-            ticker.join()
-            self.elapsed = time.perf_counter() - start
-            self.error = err
-            self.report_html.value = render.report_html(report)
+            error = err  # `err` is unbound when the except block ends; the closure keeps this
             refusal = plan.refusal
             why = (
                 f"Checkpoint at {report.path} does not fit the target: {refusal.reason}. "
@@ -248,11 +227,17 @@ class RestorePanel(w.VBox):
                 if refusal is not None
                 else one_line(err)
             )
-            self._set_status("failed", f"Restore failed: {why}")
-        else:
-            done.set()
-            ticker.join()
-            self.elapsed = time.perf_counter() - start
+
+            def failed() -> None:
+                self.elapsed = self._worker.elapsed
+                self.error = error
+                self.report_html.value = render.report_html(report)
+                self._set_status("failed", f"Restore failed: {why}")
+
+            return failed
+
+        def done() -> None:
+            self.elapsed = self._worker.elapsed
             self.result = result
             # The report's last line would repeat the outcome that the status line gives.
             advice = f"<div><b>{render.esc(result.advice)}</b></div>"
@@ -260,10 +245,8 @@ class RestorePanel(w.VBox):
             # The outcome is a sentence; the status adds the time after it, without its stop.
             outcome = (result.outcome or "Restored").rstrip(".")
             self._set_status("done", outcome, f"in {self.elapsed:.2f} s")
-        finally:
-            self._row.hide()
-            self.running = False
-            self._enable(True)
+
+        return done
 
     def _set_status(self, state: State, text: str, timing: str = "") -> None:
         self.phase, self.status = state, text
@@ -282,7 +265,5 @@ class RestorePanel(w.VBox):
         Returns:
           The report of the last restore when it succeeded, else ``None`` (``error`` says why).
         """
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        self._worker.wait(timeout)
         return self.result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,14 +23,12 @@ import ipywidgets as w
 import traitlets
 
 from nnx_ckpt_widgets import _text
-from nnx_ckpt_widgets._display import ProgressRow, figure_html, one_line
+from nnx_ckpt_widgets._display import ProgressRow, Worker, figure_html, one_line
 from nnx_ckpt_widgets.diff import DiffReport, diff_html, diff_infos
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.render import esc
 from nnx_ckpt_widgets.stats import StatsReport, stats_html, stats_of
 
-PROGRESS_AFTER = 1.0  # seconds: a longer read shows a progress bar
-_TICK = 0.25
 # Treescope draws at most this many cells of one array (it summarises the rest).
 ARRAY_CELLS = 10_000
 
@@ -59,7 +56,6 @@ class ValuesPanel(w.VBox):
         self.diff_report: DiffReport | None = None
         self.array: Any = None  # the one array read for treescope, when one was selected
         self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # Bumped whenever what is shown stops being about the selection (another node, step
         # or item): a read that started before then drops its result instead of showing it.
@@ -85,6 +81,7 @@ class ValuesPanel(w.VBox):
         self.diff_button.layout.width = "auto"
         self.diff_button.on_click(self._diff_clicked)
         self._row = ProgressRow("nnx-ckpt-values-progress", "nnx-ckpt-values-progress-text")
+        self._worker = Worker("nnx-ckpt-values", self._row, self._busy)
         self.bar, self.bar_text, self.progress = self._row.bar, self._row.text, self._row.box
         self.status_html = w.HTML()
         self.result_html = w.HTML()
@@ -133,17 +130,12 @@ class ValuesPanel(w.VBox):
 
     def _start(self, target: Callable[..., None], *args: Any) -> None:
         with self._lock:
-            if self.running:
-                return
-            self.running = True
-            self._enable(False)
-            self._thread = threading.Thread(
-                target=self._guarded,
-                args=(self._generation, target, *args),
-                name="nnx-ckpt-values",
-                daemon=True,
-            )
-            self._thread.start()
+            generation = self._generation
+        self._worker.start(self._guarded, generation, target, *args)
+
+    def _busy(self, busy: bool) -> None:
+        self.running = busy
+        self._enable(not busy)
 
     def _show(self, generation: int, show: Callable[[], None]) -> None:
         """Run ``show`` (which updates the page) unless the selection changed since the read
@@ -157,27 +149,11 @@ class ValuesPanel(w.VBox):
         self.other_step.disabled = not idle
 
     def _guarded(self, generation: int, target: Callable[..., None], *args: Any) -> None:
-        start = time.perf_counter()
-        done = threading.Event()
-
-        def tick() -> None:
-            while not done.wait(_TICK):
-                if time.perf_counter() - start >= PROGRESS_AFTER:
-                    self._row.show(time.perf_counter() - start)
-
-        ticker = threading.Thread(target=tick, name="nnx-ckpt-values-tick", daemon=True)
-        ticker.start()
         self.error = None
         try:
             target(generation, *args)
         except Exception as err:  # every failure becomes the status line
             self._show(generation, functools.partial(self._failed, err))
-        finally:
-            done.set()
-            ticker.join()
-            self._row.hide()
-            self.running = False
-            self._enable(True)
 
     def _failed(self, err: Exception) -> None:
         self.error = err
@@ -240,9 +216,7 @@ class ValuesPanel(w.VBox):
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until a running read ends (for notebooks that click from Python)."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        self._worker.wait(timeout)
 
     def text(self) -> str:
         """What the panel shows, as text: the status and the last table."""

@@ -195,7 +195,7 @@ def test_button_disabled_while_running_and_second_click_ignored(tmp_path):
 class Clock:
     """A clock the test moves: the panels read elapsed time from it, not from the machine.
 
-    Installed as the panel module's ``time``, so a busy machine cannot make a fast restore look
+    Installed as the Worker's module's ``time``, so a busy machine cannot make a fast restore look
     slow, nor a test wait for real seconds to pass.
     """
 
@@ -208,10 +208,10 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
-    import nnx_ckpt_widgets._restore_panel as panel_module
+    import nnx_ckpt_widgets._display as display_module  # the panels' Worker reads its time
 
     fake = Clock()
-    monkeypatch.setattr(panel_module, "time", fake)
+    monkeypatch.setattr(display_module, "time", fake)
     return fake
 
 
