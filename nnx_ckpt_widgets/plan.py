@@ -248,26 +248,23 @@ def _refusal(report: LoadReport, opts: RestoreOptions) -> Refusal | None:
             return None
         if report.shape_mismatched:
             return _shape_refusal(report)
-        fixes, controls = [], []
+        fixes, controls = [], ""
         if report.missing or report.unexpected:
-            fixes.append(
-                "pass strict=False to "
-                + _join(
-                    (["keep or zero the missing keys"] if report.missing else [])
-                    + (["skip the unexpected ones"] if report.unexpected else [])
-                )
+            todo = _join(
+                (["keep or zero the missing keys"] if report.missing else [])
+                + (["skip the unexpected ones"] if report.unexpected else [])
             )
-            controls.append("choose lenient")
+            fixes.append(f"pass strict=False to {todo}")
+            controls = f"Choose lenient to {todo}"
         if renamed_hint:
             fixes.append("or rename={...} if layers were renamed")
         if report.dtype_mismatched:
             fixes.append("pass cast=True to cast dtypes" if not fixes else "cast=True for dtypes")
-            controls.append("tick 'cast dtypes'")
-        return Refusal(
-            summary,
-            ", ".join(fixes) + ".",
-            "A strict restore refuses any difference: " + " and ".join(controls) + ".",
-        )
+            # The box is a lenient option: strict mode keeps it unticked.
+            controls += (
+                ", and tick 'cast dtypes'" if controls else "Choose lenient and tick 'cast dtypes'"
+            )
+        return Refusal(summary, ", ".join(fixes) + ".", controls + ".")
     if report.shape_mismatched:
         return _shape_refusal(report)
     if report.dtype_mismatched and not opts.cast:
@@ -310,12 +307,11 @@ def _nothing_matches(report: LoadReport) -> Refusal | None:
 
 
 def _shape_refusal(report: LoadReport) -> Refusal:
-    renamed = any(e.source for e in report.entries if e.status == "shape mismatch")
     transformed = any(e.transformed for e in report.entries if e.status == "shape mismatch")
     fix = (
-        "map the arrays with transform={pattern: function}, e.g. lambda w: w.T"
-        if renamed and not transformed
-        else "change the model, or map the arrays with transform={pattern: function}"
+        "the transform= function gives the wrong shape: fix it, or the model"
+        if transformed
+        else "change the model, or reshape the arrays on load with transform={pattern: function}"
     )
     return Refusal(
         f"{len(report.shape_mismatched)} shape mismatched "
