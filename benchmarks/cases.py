@@ -944,7 +944,7 @@ def scanned_checkpoint(tmp: Path, size: Size) -> Path:
         path = tmp / "scanned"
         # Saved as a per-layer model's stacked twin: layers/wq holds all 8 layers on axis 0.
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(path, {"layers": nnx.state(scanned_cls(0)).to_pure_dict()})
+            checkpointer.save(path, {"layers": nnx.to_pure_dict(nnx.state(scanned_cls(0)))})
         _cache["scanned"] = path
     return _cache["scanned"]
 

@@ -105,26 +105,31 @@ def _parser() -> argparse.ArgumentParser:
                 help="with --lenient: ignore the checkpoint's extra keys, or refuse them",
             )
             sub.add_argument("--cast", action="store_true", help="allow dtype casts")
-            sub.add_argument(
-                "--rename",
-                nargs=2,
-                action="append",
-                metavar=("REGEX", "REPLACEMENT"),
-                help="map checkpoint keys before matching (repeatable), as rename= does",
-            )
-            for option, words in (
-                ("stack", "per-layer checkpoint keys into one stacked model array"),
-                ("unstack", "a stacked checkpoint array into per-layer model arrays"),
-            ):
-                sub.add_argument(
-                    f"--{option}",
-                    nargs=2,
-                    action="append",
-                    metavar=("REGEX", "AXIS"),
-                    help=f"{words} (repeatable), as {option}= does, e.g. "
-                    "'^decoder/layers/(\\d+/)' 1",
-                )
+            _key_arguments(sub)
     return parser
+
+
+def _key_arguments(sub: argparse.ArgumentParser) -> None:
+    """``--rename``, ``--stack`` and ``--unstack``: restore's key options, for compare and
+    convert."""
+    sub.add_argument(
+        "--rename",
+        nargs=2,
+        action="append",
+        metavar=("REGEX", "REPLACEMENT"),
+        help="map checkpoint keys (repeatable), as rename= does",
+    )
+    for option, words in (
+        ("stack", "per-layer keys into one stacked array"),
+        ("unstack", "a stacked array into per-layer arrays"),
+    ):
+        sub.add_argument(
+            f"--{option}",
+            nargs=2,
+            action="append",
+            metavar=("REGEX", "AXIS"),
+            help=f"{words} (repeatable), as {option}= does, e.g. '^decoder/layers/(\\d+/)' 1",
+        )
 
 
 def _convert_arguments(sub: argparse.ArgumentParser) -> None:
@@ -153,6 +158,7 @@ def _convert_arguments(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _key_arguments(sub)
 
 
 def _load_factory(spec: str):
@@ -272,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 item=args.item,
                 select=args.select,
                 cast=args.cast,
+                rename=dict(args.rename or ()),
+                stack=_axes(args.stack),
+                unstack=_axes(args.unstack),
                 max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite,
                 dry_run=args.dry_run,

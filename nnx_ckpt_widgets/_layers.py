@@ -140,13 +140,34 @@ def _check_layers(kind: str, stacked: str, indices: list[int], count: int | None
     return None
 
 
+def _per_layer_names(rule: _Rule, ckpt: Renamed) -> set[KeyPath]:
+    """Without a target (``convert``), the per-layer keys that ``unstack`` makes of each
+    stacked key the rule fits: layer 0's name is tried with the index at each ``/``."""
+    names: set[KeyPath] = set()
+    for path, (leaf, _) in ckpt.items():
+        name = _keypaths.join(path)
+        for p in [0] + [i + 1 for i, ch in enumerate(name) if ch == "/"]:
+            match = rule.pattern.search(name[:p] + "0/" + name[p:])
+            if match is None or match.start(1) != p or match.group(1) != "0/":
+                continue
+            axis = _axis(rule, len(leaf.shape), name)
+            names.update(
+                _keypaths.split(f"{name[:p]}{i}/{name[p:]}") for i in range(leaf.shape[axis])
+            )
+            break
+    return names
+
+
 def apply_layers(
     ckpt: Renamed,
-    target_paths: set[KeyPath],
+    target_paths: set[KeyPath] | None,
     stack: Mapping[str, int] | None,
     unstack: Mapping[str, int] | None,
 ) -> tuple[Renamed, dict[KeyPath, LayerSource], list[str]]:
     """Map the (renamed) checkpoint keys through ``unstack`` and ``stack``.
+
+    With ``target_paths`` None (no target: ``convert``), ``unstack`` slices every stacked key
+    its pattern fits into all its layers, and ``stack`` stacks every group of layers.
 
     Returns:
       The checkpoint keys in the target's spelling (stacked or sliced leaves carry the shape
@@ -162,7 +183,7 @@ def apply_layers(
     if not unstack_rules and not stack_rules:
         return ckpt, {}, []
     if unstack_rules and stack_rules:
-        for path in (*ckpt, *target_paths):
+        for path in (*ckpt, *(target_paths or ())):
             name = _keypaths.join(path)
             if any(r.pattern.search(name) for r in unstack_rules) and any(
                 r.pattern.search(name) for r in stack_rules
@@ -179,7 +200,8 @@ def apply_layers(
     # unstack: target keys in per-layer spelling, fed by a stacked checkpoint key.
     for rule in unstack_rules:
         groups: dict[str, list[tuple[int | None, KeyPath, str]]] = {}
-        for target in sorted(target_paths):
+        wanted = target_paths if target_paths is not None else _per_layer_names(rule, ckpt)
+        for target in sorted(wanted):
             name = _keypaths.join(target)
             split = _split(rule, name)
             if split is None or split[0] not in by_name or name in by_name:
@@ -212,7 +234,9 @@ def apply_layers(
         for path in sorted(out):
             name = _keypaths.join(path)
             split = _split(rule, name)
-            if split is None or _keypaths.split(split[0]) not in target_paths:
+            if split is None:
+                continue
+            if target_paths is not None and _keypaths.split(split[0]) not in target_paths:
                 continue
             if path in sources:
                 continue  # a slice of an unstacked array: not a stored layer to stack

@@ -611,7 +611,10 @@ def build_report(
     keys they spell."""
     target_paths = {t.path for t in target_leaves}
     renamed, notes = _match_slash_keys(apply_rename(info.leaves, rename), target_paths)
-    ckpt, layers, problems = apply_layers(renamed, target_paths, stack, unstack)
+    # No target (convert): the layer options act on the checkpoint's own keys.
+    ckpt, layers, problems = apply_layers(
+        renamed, target_paths if target_leaves else None, stack, unstack
+    )
     transformed = apply_transform(ckpt, transform)
     entries = []
     for t in target_leaves:
@@ -653,6 +656,7 @@ def build_report(
                     transformed=bool(fns),
                     stored=stored if fns else None,
                     transforms=fns,
+                    layers=layers.get(path),
                 )
             )
     return LoadReport(

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
+from nnx_ckpt_widgets._layers import LayerSource
 from nnx_ckpt_widgets._text import clip, human_bytes, plural
 from nnx_ckpt_widgets._values import ProgressArg, iter_arrays, progress_callback, select_leaves
 from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, run_transforms
@@ -95,6 +96,8 @@ class ConvertedKey:
     transforms: tuple[Transform, ...] = dataclasses.field(default=(), repr=False, compare=False)
     out_path: KeyPath = dataclasses.field(default=(), repr=False, compare=False)
     value_dtype: str = dataclasses.field(default="", repr=False, compare=False)  # before cast
+    # Stacked or sliced from other stored arrays (stack=/unstack=), instead of read_leaf.
+    layers: LayerSource | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +224,8 @@ def convert(
     rename: Mapping[str, str] | None = None,
     transform: Mapping[str, Transform] | None = None,
     cast: str | None = None,
+    stack: Mapping[str, int] | None = None,
+    unstack: Mapping[str, int] | None = None,
     max_shard_size: int | str = "5GB",
     metadata: Mapping[str, Any] | None = None,
     extra_files: Sequence[str | os.PathLike] = (),
@@ -257,6 +262,11 @@ def convert(
       transform: regex -> function of one array, for keys after ``rename``, as for
         :func:`restore`; e.g. ``{r"/weight$": lambda w: w.T}`` for PyTorch's ``[out, in]``.
       cast: a float dtype such as ``"bfloat16"``: every floating-point array is cast to it.
+      stack: regex -> axis, as for :func:`restore`: per-layer keys (``layers/0/w``) are
+        written as one stacked array (``layers/w``), the layer at ``axis``.
+      unstack: regex -> axis, the reverse: each stacked array its pattern fits is written as
+        one array per layer, e.g. ``{r"^decoder/layers/(\\d+/)": 1}`` for MaxText's axis 1.
+        Each stacked array is read once.
       max_shard_size: bytes per safetensors file, or a string such as ``"5GB"`` or
         ``"500MiB"`` (default 5 GB, as Hugging Face uses). One array larger than this gets a
         file of its own.
@@ -301,7 +311,8 @@ def convert(
         )
 
     source = _source(src, step, item)
-    plan = _plan(source, dst_text, fmt, select, rename, transform, out_dtype, limit, meta, extras)
+    keys = {"rename": rename, "transform": transform, "stack": stack, "unstack": unstack}
+    plan = _plan(source, dst_text, fmt, select, keys, out_dtype, limit, meta, extras)
     _check_destination(source, dst_path, overwrite)
     if dry_run:
         return plan
@@ -519,8 +530,7 @@ def _plan(
     dst: str,
     fmt: Format,
     select: str | None,
-    rename: Mapping[str, str] | None,
-    transform: Mapping[str, Transform] | None,
+    key_options: Mapping[str, Any],
     cast: str | None,
     limit: int,
     metadata: Mapping[str, Any] | None,
@@ -550,7 +560,12 @@ def _plan(
     # The same functions as compare: rename, then transform shapes through jax.eval_shape
     # (restore's other key options, when they come, pass through here the same way).
     selected = dataclasses.replace(info, leaves={leaf.path: leaf for leaf in chosen})
-    report = build_report(selected, [], rename, transform)
+    report = build_report(selected, [], **key_options)
+    if report.layer_problems:
+        raise InvalidArgumentError(
+            f"{source.where} cannot be converted with these stack=/unstack= patterns: "
+            f"{report.layer_problems[0]}; fix the patterns."
+        )
     value_level = info.format == STATE_FORMAT
     planned: list[ConvertedKey] = []
     names: dict[str, str] = {}
@@ -600,6 +615,7 @@ def _plan(
                 transformed=entry.transformed,
                 renamed=entry.source is not None,
                 read_leaf=entry.read_leaf,
+                layers=entry.layers,
                 transforms=entry.transforms,
                 out_path=out_path,
                 value_dtype=leaf.dtype,
@@ -738,12 +754,40 @@ def _arrays(
     cast and checked against the plan."""
     import numpy as np
 
-    leaves = [k.read_leaf for k in plan.keys]
-    assert all(leaf is not None for leaf in leaves)
-    reader = source.read(leaves, progress)  # type: ignore[arg-type]
+    # Each stored array is read once, in the order the keys need them; a stacked array that
+    # several layers are sliced from (unstack) stays in memory only until its last layer.
+    needs: list[tuple[LeafInfo, ...]] = []
+    order: dict[tuple, LeafInfo] = {}
+    left: dict[tuple, int] = {}
+    for k in plan.keys:
+        parts = k.layers.parts if k.layers is not None else (k.read_leaf,)
+        assert all(p is not None for p in parts)
+        needs.append(parts)  # type: ignore[arg-type]
+        for p in parts:
+            assert p is not None
+            order.setdefault((p.stored_path, p.path), p)
+            left[(p.stored_path, p.path)] = left.get((p.stored_path, p.path), 0) + 1
+    reader = source.read(list(order.values()), progress)
     # Closing the reader ends its prefetch thread when writing stops early.
     with contextlib.closing(reader):
-        for key, (_leaf, array) in zip(plan.keys, reader, strict=True):
+        held: dict[tuple, Any] = {}
+        for key, parts in zip(plan.keys, needs, strict=True):
+            for p in parts:
+                while (p.stored_path, p.path) not in held:
+                    leaf, value = next(reader)
+                    held[(leaf.stored_path, leaf.path)] = value
+            got = [held[(p.stored_path, p.path)] for p in parts]
+            for p in parts:
+                left[(p.stored_path, p.path)] -= 1
+                if not left[(p.stored_path, p.path)]:
+                    del held[(p.stored_path, p.path)]
+            layers = key.layers
+            if layers is None:
+                array = got[0]
+            elif layers.kind == "unstack":
+                array = np.take(got[0], layers.index or 0, axis=layers.axis)
+            else:
+                array = np.stack(got, axis=layers.axis)
             if key.transforms:
                 name = _keypaths.join(key.out_path)
                 value = run_transforms(

@@ -49,6 +49,10 @@ class CheckpointBrowser(w.VBox):
       transform: regex -> function of one array, as for :func:`restore`: the load report
         shows the transformed shapes and marks each transformed key, and Restore applies
         the functions.
+      stack: regex -> axis, as for :func:`restore`: per-layer checkpoint keys into a
+        scanned model's stacked arrays.
+      unstack: regex -> axis, as for :func:`restore`: a scanned checkpoint into a per-layer
+        model; the load report marks each slice (``← layers/w[:, i]``).
       expand_depth: tree levels open at first.
       page_size: tree rows shown under one node before a "show more" button.
 
@@ -82,6 +86,8 @@ class CheckpointBrowser(w.VBox):
         best_mode: Literal["min", "max"] = "min",
         rename: Mapping[str, str] | None = None,
         transform: Mapping[str, Transform] | None = None,
+        stack: Mapping[str, int] | None = None,
+        unstack: Mapping[str, int] | None = None,
         expand_depth: int = 2,
         page_size: int = 40,
     ):
@@ -112,7 +118,9 @@ class CheckpointBrowser(w.VBox):
         self.tree = self._new_tree()
         self.panel: RestorePanel | None = None
         if model is not None:
-            self.panel = RestorePanel(self.info, model, rename=rename, transform=transform)
+            self.panel = RestorePanel(
+                self.info, model, rename=rename, transform=transform, stack=stack, unstack=unstack
+            )
             self.panel.observe(self._panel_changed, names=["status", "running"])
             self.status = self.panel.status
         self.values = ValuesPanel(self.info, self._selected_leaves)
