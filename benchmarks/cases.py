@@ -25,7 +25,7 @@ class Size:
     repeats: int
     slow_repeats: int  # for the references that take many seconds each (treescope)
     notebooks: bool
-    # case 18: leaves of the small and the large many-layer checkpoint (4 arrays a layer)
+    # case 20: leaves of the small and the large many-layer checkpoint (4 arrays a layer)
     layers_leaves: tuple[int, int] = (10_000, 100_000)
 
 
@@ -903,7 +903,7 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     for name, text in what.items():
         results.append(
             Result(
-                18,
+                20,
                 f"{text}, {large:,} vs {small:,} leaves",
                 figures[name, large],
                 figures[name, small],
@@ -913,7 +913,7 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
         )
     results.append(
         Result(
-            18,
+            20,
             f"inspect, {large:,} leaves (vs Orbax metadata())",
             figures["inspect", large],
             reference["metadata"],
@@ -922,7 +922,7 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     )
     results.append(
         Result(
-            18,
+            20,
             f"restore, {large:,} leaves (vs bare Orbax restore + nnx.update)",
             figures["restore", large],
             reference["restore"],
@@ -949,5 +949,5 @@ ALL = [
     (15, case_stats),
     (16, case_diff),
     (17, case_stats_select),
-    (18, case_many_layers),
+    (20, case_many_layers),
 ]

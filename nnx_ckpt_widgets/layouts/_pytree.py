@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -347,9 +348,23 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     import numpy as np
     import orbax.checkpoint as ocp
 
+    inline: dict[int, Any] = {}
+    if len(requests) >= _MANY:
+        try:
+            inline = _read_inline(item_dir, requests)
+        except CheckpointError:
+            raise
+        except Exception as err:  # TensorStore raises many types for damaged data.
+            raise CorruptCheckpointError(
+                f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was "
+                "left unchanged, restore the checkpoint from a copy or save it again."
+            ) from err
+        if len(inline) == len(requests):
+            return [inline[i] for i in range(len(requests))]
+    rest = [r for i, r in enumerate(requests) if i not in inline]
     item: dict = {}
     restore_args: dict = {}
-    for request in requests:
+    for request in rest:
         if request.host:
             # Orbax's numpy restore: the stored dtype, in host memory, no device copy.
             _nest(item, request.stored_path, jax.ShapeDtypeStruct(request.shape, request.dtype))
@@ -390,7 +405,8 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
 
     try:
         restored = _storage.guarded(item_dir, restore)
-        return [_get(restored, request.stored_path) for request in requests]
+        read = iter([_get(restored, request.stored_path) for request in rest])
+        return [inline[i] if i in inline else next(read) for i in range(len(requests))]
     except CheckpointError:
         raise
     except Exception as err:  # Orbax and TensorStore raise many types for damaged data.
@@ -398,6 +414,143 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
             f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was left "
             "unchanged, restore the checkpoint from a copy or save it again."
         ) from err
+
+
+# From this many arrays in one read, decoding the B+tree's node once beats a partial restore,
+# whose per-array cost (about 2.8 ms, an Orbax handler call and TensorStore opens) dominates.
+_MANY = 512
+_ZARR_KEYS = {"chunks", "compressor", "dtype", "fill_value", "filters", "order", "shape"}
+
+
+def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int, Any]:
+    """``{index in requests: array}`` for the requested arrays that are one zarr v2 chunk
+    stored inline in the OCDBT B+tree's one leaf node (Orbax stores values up to 1 KiB
+    inline: small arrays are), in the stored dtype; the others are Orbax's to read.
+
+    The node is decoded once; the chunks, grouped by size, are decoded by TensorStore's own
+    zarr driver over an in-memory store (one open and one read per size), so the bytes are
+    the ones a restore through Orbax gives, bit for bit.
+    """
+    import numpy as np
+
+    values = _root_node_values(item_dir, _storage.timeout(item_dir))
+    if values is None:
+        return {}
+    plan = []
+    for index, request in enumerate(requests):
+        if request.scalar_type is not None or not _single_device(request):
+            continue
+        name = ".".join(request.stored_path)
+        raw = values.get(f"{name}/.zarray".encode())
+        if raw is None:
+            continue
+        try:
+            header = json.loads(raw)
+            dtype = np.dtype(dtype_name(header["dtype"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        shape = tuple(request.shape)
+        compressor = header.get("compressor")
+        if (
+            header.get("zarr_format") != 2
+            or not header.keys() >= _ZARR_KEYS
+            or tuple(header["shape"]) != shape
+            or tuple(header["chunks"]) != shape
+            or header["order"] != "C"
+            or header["filters"] is not None
+            or header.get("dimension_separator", ".") != "."
+            or not (compressor is None or compressor == {"id": "zstd", "level": 1})
+            or dtype.name != request.dtype
+            # little-endian, single bytes, or bfloat16 (which TensorStore stores little-endian)
+            or not (str(header["dtype"])[:1] in "<|" or header["dtype"] == "bfloat16")
+        ):
+            continue
+        chunk = values.get(f"{name}/{'.'.join('0' * len(shape)) or '0'}".encode())
+        if chunk is None:
+            continue
+        plan.append((index, request, dtype, shape, compressor, chunk))
+    if len(plan) < _MANY:
+        return {}
+    decoded = _decode_chunks(
+        [
+            (compressor, dtype.itemsize * math.prod(shape), chunk)
+            for _, _, dtype, shape, compressor, chunk in plan
+        ]
+    )
+    arrays = [
+        np.frombuffer(data, dtype).reshape(shape).copy()
+        for (_, _, dtype, shape, _, _), data in zip(plan, decoded, strict=True)
+    ]
+    placed = _place([request for _, request, *_ in plan], arrays)
+    return {index: array for (index, *_), array in zip(plan, placed, strict=True)}
+
+
+def _single_device(request: ReadRequest) -> bool:
+    if request.host or request.sharding is None:
+        return True
+    devices = getattr(request.sharding, "device_set", None)
+    return devices is not None and len(devices) == 1
+
+
+def _decode_chunks(chunks: list[tuple[Any, int, bytes]]) -> list[bytes]:
+    """Each ``(compressor, decoded size, stored bytes)`` decoded, by TensorStore's zarr
+    driver: chunks of one size and compressor become one zarr array of bytes over a
+    ``memory`` store, read in one call."""
+    import numpy as np
+    import tensorstore as ts
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, (compressor, size, _) in enumerate(chunks):
+        groups.setdefault((json.dumps(compressor), size), []).append(index)
+    out: list[bytes] = [b""] * len(chunks)
+    context = ts.Context()
+    memory = ts.KvStore.open({"driver": "memory"}, context=context).result()
+    for number, ((compressor, size), members) in enumerate(groups.items()):
+        if size == 0:
+            continue
+        prefix = f"g{number}/"
+        metadata = {
+            "zarr_format": 2,
+            "shape": [len(members) * size],
+            "chunks": [size],
+            "dtype": "|u1",
+            "compressor": json.loads(compressor),
+            "fill_value": None,
+            "filters": None,
+            "order": "C",
+            "dimension_separator": ".",
+        }
+        writes = [memory.write(prefix + ".zarray", json.dumps(metadata).encode())]
+        writes += [
+            memory.write(f"{prefix}{i}", chunks[index][2]) for i, index in enumerate(members)
+        ]
+        for write in writes:
+            write.result()
+        array = ts.open(
+            {"driver": "zarr", "kvstore": {"driver": "memory", "path": prefix}},
+            context=context,
+            open=True,
+        ).result()
+        data = np.asarray(array.read().result()).reshape(len(members), size)
+        for row, index in zip(data, members, strict=True):
+            out[index] = row.tobytes()
+    return out
+
+
+def _place(requests: Sequence[ReadRequest], arrays: list[Any]) -> list[Any]:
+    """Host arrays as they are; the others on their device, in one transfer."""
+    import jax
+
+    on_device = [i for i, r in enumerate(requests) if not r.host]
+    if on_device:
+        device = jax.local_devices()[0]
+        shardings = [
+            requests[i].sharding or jax.sharding.SingleDeviceSharding(device) for i in on_device
+        ]
+        placed = jax.device_put([arrays[i] for i in on_device], shardings)
+        for i, value in zip(on_device, placed, strict=True):
+            arrays[i] = value
+    return arrays
 
 
 def reason(err: BaseException) -> str:
