@@ -14,7 +14,7 @@ Statistics of a float array (min, max, mean, std, L2 norm) are over its finite v
 Reading is :func:`iter_arrays`: the layout's own ``read`` in bounded batches
 (:func:`nnx_ckpt_widgets.restore.read_batches`), with the next batches read in worker threads
 while this one is summed up (TensorStore and NumPy release the GIL). How many are read at once
-follows from a memory budget (:func:`plan_reads`): as many as fit, one per core at most, at
+follows from a memory budget (:func:`plan_reads`): as many as fit, two per core at most, at
 least one; a budget too small for one read of the largest array is refused before any read.
 """
 
@@ -419,6 +419,7 @@ READ_FACTOR = 2.2
 # Room for what is not an array: float64 chunk temporaries, TensorStore's and Orbax's
 # per-call state, the report being built.
 RESERVE = 32 * 2**20
+READS_PER_CORE = 2
 # The default budget: this share of the memory available at the call, at most DEFAULT_CAP.
 DEFAULT_SHARE = 0.25
 DEFAULT_CAP = 4 * 2**30
@@ -491,8 +492,8 @@ def default_budget() -> int:
     """A quarter of the memory available at the call, at most 4 GiB.
 
     A quarter, because the caller's process (a notebook's kernel, its JAX buffers) and its
-    neighbours keep using memory while the reads run; the cap, because with 2-8 reads in
-    flight (one per core) more memory buys no speed.
+    neighbours keep using memory while the reads run; the cap, because with 4-16 reads in
+    flight (two per core) more memory buys no speed.
     """
     return max(1, min(int(available_memory() * DEFAULT_SHARE), DEFAULT_CAP))
 
@@ -538,8 +539,8 @@ def plan_reads(
     sides: int = 1,
 ) -> ReadPlan:
     """The reads in flight for ``leaves`` within ``max_memory``, split evenly over ``sides``
-    read at once (``diff`` reads two checkpoints): per side as many as fit, with at most one
-    read per core in all, and at least one.
+    read at once (``diff`` reads two checkpoints): per side as many as fit, with at most two
+    reads per core in all, and at least one.
 
     Raises:
       InvalidArgumentError: ``max_memory`` is not a size, or is too small for one read of the
@@ -569,7 +570,9 @@ def plan_reads(
             "with select=."
         )
     reads = 1
-    while reads < cores() // sides and plan.needs(reads + 1) <= share:
+    # Two per core: a read spends part of its time in Python (Orbax's per-call work), when
+    # another read keeps the core decoding.
+    while reads < READS_PER_CORE * cores() // sides and plan.needs(reads + 1) <= share:
         reads += 1
     return dataclasses.replace(plan, reads_in_flight=reads)
 

@@ -297,7 +297,7 @@ def stats(
 
     Float statistics are over the finite values; ints get the same (exact min and max), bools
     their counts, PRNG key arrays are listed as keys. Arrays are read in bounded batches onto
-    host memory, as many at once as ``max_memory`` allows (one per core at most), so the
+    host memory, as many at once as ``max_memory`` allows (two per core at most), so the
     whole checkpoint is never in memory.
 
     Args:
@@ -312,7 +312,7 @@ def stats(
       max_memory: the memory the reads may use on top of what the process holds at the call:
         bytes, or a string such as ``"512MiB"``. By default a quarter of the memory available
         at the call, at most 4 GiB (the rest stays for the caller's process and its
-        neighbours; more than 4 GiB buys no speed at one read per core). Each read in flight
+        neighbours; more than 4 GiB buys no speed at two reads per core). Each read in flight
         counts 2.2x its batch (compressed bytes and the array they decode into).
 
     Returns:
