@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
                 help=f"exit with status {NAN_EXIT} when an array holds NaN or Inf",
             )
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+            sub.add_argument(
+                "--max-memory",
+                metavar="SIZE",
+                help="memory the reads may use, e.g. 512MiB (default: a quarter of the "
+                "available memory, at most 4GiB)",
+            )
         if name == "compare":
             sub.add_argument(
                 "--model",
@@ -291,7 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             progress = False if args.no_progress else None
             found = stats(
-                args.path, step=args.step, item=args.item, select=args.select, progress=progress
+                args.path,
+                step=args.step,
+                item=args.item,
+                select=args.select,
+                progress=progress,
+                max_memory=args.max_memory,
             )
             if args.json:
                 _print_json(found.as_dict())
@@ -311,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 item=_diff_items(args.item),
                 select=args.select,
                 progress=False if args.no_progress else None,
+                max_memory=args.max_memory,
             )
             if args.json:
                 _print_json(changes.as_dict())

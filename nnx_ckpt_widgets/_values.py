@@ -12,17 +12,16 @@ Statistics of a float array (min, max, mean, std, L2 norm) are over its finite v
 +Inf and -Inf are counted apart, so a weight matrix with one NaN still shows its scale.
 
 Reading is :func:`iter_arrays`: the layout's own ``read`` in bounded batches
-(:func:`nnx_ckpt_widgets.restore.read_batches`), with the next batch read in a worker thread
-while this one is summed up (TensorStore and NumPy release the GIL), so at most two batches are
-in memory.
+(:func:`nnx_ckpt_widgets.restore.read_batches`), with the next batches read in worker threads
+while this one is summed up (TensorStore and NumPy release the GIL). How many are read at once
+follows from a memory budget (:func:`plan_reads`): as many as fit, two per core at most, at
+least one; a budget too small for one read of the largest array is refused before any read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -414,6 +413,170 @@ def _key_data_dims(impl: str) -> int:
 
 # --- reading ------------------------------------------------------------------------------
 
+MemoryArg = int | str | None
+# A read holds about 2.1x its array while it runs (the compressed bytes and the array they
+# decode into; measured on Orbax's zstd chunks), so each read in flight is counted at 2.2x.
+READ_FACTOR = 2.2
+# Room for what is not an array: float64 chunk temporaries, TensorStore's and Orbax's
+# per-call state, the report being built.
+RESERVE = 32 * 2**20
+READS_PER_CORE = 2
+# The default budget: this share of the memory available at the call, at most DEFAULT_CAP.
+DEFAULT_SHARE = 0.25
+DEFAULT_CAP = 4 * 2**30
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_memory(value: int | str, name: str = "max_memory") -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"1.5 GiB"`` or ``"800MB"``.
+
+    Raises:
+      InvalidArgumentError: anything else, or a budget that is not positive.
+    """
+    import re
+
+    from nnx_ckpt_widgets.errors import InvalidArgumentError
+
+    example = f"{name}=2**30 or {name}='512MiB'"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgumentError(
+            f"{name} must be a number of bytes or a string such as '512MiB', got "
+            f"{type(value).__name__}; pass e.g. {example}."
+        )
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise InvalidArgumentError(
+                f"{name}={value!r} is not a size; write bytes with a unit of B, KB, MB, GB, "
+                f"KiB, MiB or GiB, e.g. {example}."
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise InvalidArgumentError(f"{name} must be positive, got {value}; pass e.g. {example}.")
+    return value
+
+
+def available_memory() -> int:
+    """Bytes of memory the kernel says are available now (``MemAvailable``)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_CAP
+
+
+def default_budget() -> int:
+    """A quarter of the memory available at the call, at most 4 GiB.
+
+    A quarter, because the caller's process (a notebook's kernel, its JAX buffers) and its
+    neighbours keep using memory while the reads run; the cap, because with 4-16 reads in
+    flight (two per core) more memory buys no speed.
+    """
+    return max(1, min(int(available_memory() * DEFAULT_SHARE), DEFAULT_CAP))
+
+
+def cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    """How many reads run at once within a memory budget.
+
+    Attributes:
+      budget: bytes the reads may hold on top of what the process held at the call.
+      batch_bytes: bytes per read batch (an array larger than this is a batch of its own).
+      reads_in_flight: reads that run at once (at least one).
+      largest: the largest array's bytes.
+    """
+
+    budget: int
+    batch_bytes: int
+    reads_in_flight: int
+    largest: int
+
+    def needs(self, reads: int) -> int:
+        """Bytes held with ``reads`` in flight: each read's 2.2x, one batch being used, and
+        the reserve."""
+        unit = max(self.largest, self.batch_bytes)
+        return RESERVE + unit + math.ceil(READ_FACTOR * unit) * reads
+
+
+def plan_reads(
+    leaves: Sequence[LeafInfo],
+    max_memory: MemoryArg,
+    *,
+    what: str,
+    where: str,
+    sides: int = 1,
+) -> ReadPlan:
+    """The reads in flight for ``leaves`` within ``max_memory``, split evenly over ``sides``
+    read at once (``diff`` reads two checkpoints): per side as many as fit, with at most two
+    reads per core in all, and at least one.
+
+    Raises:
+      InvalidArgumentError: ``max_memory`` is not a size, or is too small for one read of the
+        largest array; the message names the array and the budget it needs.
+    """
+    from nnx_ckpt_widgets._text import human_bytes
+    from nnx_ckpt_widgets.errors import InvalidArgumentError
+
+    budget = default_budget() if max_memory is None else parse_memory(max_memory)
+    share = budget // sides
+    largest_leaf = max(leaves, key=lambda leaf: leaf.nbytes, default=None)
+    largest = largest_leaf.nbytes if largest_leaf is not None else 0
+    # Smaller batches when the budget is small: a batch must fit one read and its use.
+    room = (share - RESERVE) / (1 + READ_FACTOR)
+    batch = int(max(1, min(BATCH_BYTES, room))) if room > 0 else 1
+    # A batch is never larger than all the bytes there are to read.
+    batch = max(1, min(batch, sum(leaf.nbytes for leaf in leaves)))
+    plan = ReadPlan(budget, batch, 1, largest)
+    one = plan.needs(1)
+    if share < one:
+        name = largest_leaf.name if largest_leaf is not None else "(none)"
+        need = human_bytes(one * sides)
+        raise InvalidArgumentError(
+            f"max_memory={human_bytes(budget)} is too small for {what} of {where}: its largest "
+            f"array, {name} ({human_bytes(largest)}), needs a budget of at least {need} "
+            f"({one * sides} bytes) to be read; raise max_memory, or leave that array out "
+            "with select=."
+        )
+    reads = 1
+    # Two per core: a read spends part of its time in Python (Orbax's per-call work), when
+    # another read keeps the core decoding.
+    while reads < READS_PER_CORE * cores() // sides and plan.needs(reads + 1) <= share:
+        reads += 1
+    return dataclasses.replace(plan, reads_in_flight=reads)
+
 
 def read_requests(leaves: Sequence[LeafInfo]) -> list[ReadRequest]:
     """Requests for the arrays of ``leaves`` as stored, onto host memory."""
@@ -423,64 +586,97 @@ def read_requests(leaves: Sequence[LeafInfo]) -> list[ReadRequest]:
     ]
 
 
+def call_progress(progress: Callable[..., None] | None, done: int, total: int, reads: int) -> None:
+    """Call ``progress(done, total)``, with ``reads_in_flight=reads`` when it takes that
+    keyword."""
+    if progress is None:
+        return
+    if _takes_reads_in_flight(progress):
+        progress(done, total, reads_in_flight=reads)
+    else:
+        progress(done, total)
+
+
+def _takes_reads_in_flight(fn: Callable[..., None]) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.name == "reads_in_flight" or p.kind is p.VAR_KEYWORD
+        for p in parameters
+        if p.kind is not p.POSITIONAL_ONLY
+    )
+
+
 def iter_arrays(
     location: Location,
     leaves: Sequence[LeafInfo],
     *,
-    progress: Progress | None = None,
+    progress: Callable[..., None] | None = None,
     batch_bytes: int | None = None,
     where: str = "",
+    plan: ReadPlan | None = None,
 ) -> Iterator[tuple[LeafInfo, np.ndarray]]:
     """Yield ``(leaf, array)`` for each leaf, in order, reading in bounded batches.
 
-    The next batch is read in a worker thread while the caller works on this one, so at most
-    two batches are held. ``progress(done_bytes, total_bytes)`` is called before the first
-    read and after each batch.
+    ``plan.reads_in_flight`` batches are read at once in worker threads (TensorStore and
+    NumPy release the GIL) while the caller works on the one before them, in order; without a
+    plan, one. ``progress(done_bytes, total_bytes)`` is called before the first read and after
+    each batch, with ``reads_in_flight=`` when it takes that keyword.
 
     Raises:
       CorruptCheckpointError: the layout could not read a batch, or returned another shape.
       CheckpointError: another subclass saying why a batch could not be read (out of memory,
         storage).
     """
+    import collections
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import numpy as np
 
     from nnx_ckpt_widgets.restore import read_batches
 
     items = list(zip(leaves, read_requests(leaves), strict=True))
     limit = BATCH_BYTES if batch_bytes is None else batch_bytes
+    if plan is not None:
+        limit = min(limit, plan.batch_bytes)
     batches = read_batches(items, limit, size=lambda item: item[0].nbytes)
+    reads = max(1, min(plan.reads_in_flight if plan is not None else 1, len(batches)))
     total = sum(leaf.nbytes for leaf in leaves)
-    if progress is not None:
-        progress(0, total)
+    call_progress(progress, 0, total, reads)
     done = 0
-    results: queue.Queue = queue.Queue()
-    # Two batches in memory at most: the one the caller works on, and the one being read.
-    slots = threading.Semaphore(2)
-    stop = threading.Event()
 
-    def reader() -> None:
-        for batch in batches:
-            slots.acquire()
-            if stop.is_set():
-                return
-            try:
-                values = location.layout.read(location, [request for _, request in batch])
-            except BaseException as err:  # handed to the caller's thread, raised there
-                results.put((batch, err))
-                return
-            results.put((batch, values))
+    def read(batch: list) -> Any:
+        return location.layout.read(location, [request for _, request in batch])
 
-    thread = threading.Thread(target=reader, name="nnx-ckpt-values-read", daemon=True)
-    thread.start()
+    pending: collections.deque[tuple[list, Future]] = collections.deque()
+    todo = iter(batches)
+    pool = ThreadPoolExecutor(max_workers=reads, thread_name_prefix="nnx-ckpt-values-read")
     try:
-        for _ in batches:
-            batch, values = results.get()
-            if isinstance(values, BaseException):
-                if isinstance(values, Exception) and not isinstance(values, CheckpointError):
-                    # What the layout let through (NumPy out of memory), in our words.
-                    path = where or location.data
-                    raise read_error(path, values, unchanged="nothing was changed") from values
-                raise values
+
+        def submit() -> None:
+            batch = next(todo, None)
+            if batch is not None:
+                pending.append((batch, pool.submit(read, batch)))
+
+        # ``reads`` batches are read while the caller uses the one before them: the budget
+        # counts exactly that.
+        for _ in range(reads):
+            submit()
+        while pending:
+            batch, future = pending.popleft()
+            try:
+                values = future.result()
+            except Exception as err:
+                if isinstance(err, CheckpointError):
+                    raise
+                # What the layout let through (NumPy out of memory), in our words.
+                path = where or location.data
+                raise read_error(path, err, unchanged="nothing was changed") from err
+            submit()
             for (leaf, _request), value in zip(batch, values, strict=True):
                 array = np.asarray(value)
                 if tuple(array.shape) != leaf.shape:
@@ -491,14 +687,13 @@ def iter_arrays(
                     )
                 yield leaf, array
             done += sum(leaf.nbytes for leaf, _ in batch)
-            del values, batch, array
-            slots.release()
-            if progress is not None:
-                progress(done, total)
+            del values, batch, array, future
+            call_progress(progress, done, total, reads)
     finally:
-        stop.set()
-        slots.release()  # a reader waiting for a slot sees ``stop`` and ends
-        thread.join()
+        for _, future in pending:
+            future.cancel()
+        pending.clear()
+        pool.shutdown(wait=True)
 
 
 # --- arguments shared by stats and diff ---------------------------------------------------
@@ -545,11 +740,12 @@ def select_leaves(
 
 def progress_callback(
     progress: ProgressArg, what: str
-) -> tuple[Progress | None, Callable[[], None]]:
+) -> tuple[Callable[..., None] | None, Callable[[], None]]:
     """The ``progress`` argument as a callback, and a function to call when done.
 
     ``None`` shows a tqdm bar when stderr is a terminal, ``True`` always, ``False`` never;
-    a callable is called as ``progress(done_bytes, total_bytes)``.
+    a callable is called as ``progress(done_bytes, total_bytes)``, with
+    ``reads_in_flight=`` too when it takes that keyword (see :func:`call_progress`).
     """
     import sys
 
@@ -563,9 +759,10 @@ def progress_callback(
 
     bars: list[Any] = []
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, reads_in_flight: int = 1) -> None:
         if not bars:
             bars.append(tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024))
+            bars[0].set_postfix_str(f"{reads_in_flight} reads in flight", refresh=False)
         bars[0].update(done - bars[0].n)
 
     def close() -> None:

@@ -3,8 +3,8 @@
 For each array both hold with one shape and dtype: ``||a - b|| / ||a||``, the largest absolute
 difference, whether the two are bit for bit the same, and whether NaN or Inf appeared. Arrays
 on one side only, or changed in shape or dtype, are listed as :func:`nnx_ckpt_widgets.compare`
-lists a model's keys. Both sides are read in lockstep, a bounded batch at a time, so memory
-stays near two arrays; nothing is written anywhere.
+lists a model's keys. Both sides are read in lockstep, in bounded batches, as many at once as
+``max_memory`` allows, so memory stays within it; nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from typing import Any, Literal
 from nnx_ckpt_widgets._text import clip, plural, shape_text, table, where
 from nnx_ckpt_widgets._values import (
     ArrayDiff,
+    MemoryArg,
     ProgressArg,
     array_diff,
+    call_progress,
     iter_arrays,
+    plan_reads,
     progress_callback,
     select_leaves,
 )
@@ -404,6 +407,7 @@ def diff(
     item: str | tuple[str | None, str | None] | None = None,
     select: str | None = None,
     progress: ProgressArg = None,
+    max_memory: MemoryArg = None,
 ) -> DiffReport:
     """Compare the values of two checkpoints, or of two steps of one root, array by array.
 
@@ -417,13 +421,16 @@ def diff(
         with the ``model`` item of a training run's step.
       select: a regex searched in each key: only the arrays it matches are read.
       progress: as for :func:`nnx_ckpt_widgets.stats`.
+      max_memory: as for :func:`nnx_ckpt_widgets.stats`, shared by the two sides: each gets
+        half.
 
     Returns:
       A :class:`DiffReport`; ``str()`` of it starts with a one-line summary.
 
     Raises:
       InvalidArgumentError: neither ``b`` nor ``steps`` is given, ``steps`` or a tuple ``item``
-        is not a pair, or ``select`` is not a valid regex.
+        is not a pair, ``select`` is not a valid regex, or ``max_memory`` is not a size or is
+        too small for the largest array.
       CheckpointError: a checkpoint cannot be found or read.
     """
     if steps is not None and (not isinstance(steps, (tuple, list)) or len(steps) != 2):
@@ -447,7 +454,7 @@ def diff(
     step_a, step_b = steps if steps is not None else (None, None)
     info_a = inspect(a, step=step_a, item=item_a)
     info_b = inspect(b if b is not None else a, step=step_b, item=item_b)
-    return diff_infos(info_a, info_b, select=select, progress=progress)
+    return diff_infos(info_a, info_b, select=select, progress=progress, max_memory=max_memory)
 
 
 def diff_infos(
@@ -457,11 +464,13 @@ def diff_infos(
     select: str | None = None,
     keys: Sequence[str] | None = None,
     progress: ProgressArg = None,
+    max_memory: MemoryArg = None,
 ) -> DiffReport:
     """The diff of two inspected checkpoints (what :func:`diff` and the browser call).
 
     Args:
       keys: only these keys (the browser's selected subtree); ``select`` applies after.
+      select, progress, max_memory: as for :func:`diff`.
     """
     where_a = where(info_a.path, info_a.step, info_a.item)
     where_b = where(info_b.path, info_b.step, info_b.item)
@@ -497,7 +506,7 @@ def diff_infos(
     plan.extend(
         DiffEntry(leaf.name, "only in b", b=leaf) for leaf in leaves_b if leaf.name not in names_a
     )
-    results = dict(_compare(info_a, info_b, pairs, progress))
+    results = dict(_compare(info_a, info_b, pairs, progress, max_memory))
     entries = tuple(
         dataclasses.replace(e, diff=results[e.key]) if e.status == "compared" else e for e in plan
     )
@@ -509,12 +518,17 @@ def _compare(
     info_b: CheckpointInfo,
     pairs: list[tuple[LeafInfo, LeafInfo]],
     progress: ProgressArg,
+    max_memory: MemoryArg = None,
 ) -> Iterator[tuple[str, ArrayDiff]]:
     if not pairs:
         return
     loc_a, loc_b = info_a.location, info_b.location
     if loc_a is None or loc_b is None:
         raise InvalidArgumentError("diff_infos needs CheckpointInfo made by inspect().")
+    where_a = where(info_a.path, info_a.step, info_a.item)
+    where_b = where(info_b.path, info_b.step, info_b.item)
+    # Paired arrays have one shape and dtype, so one plan fits both sides.
+    plan = plan_reads([a for a, _ in pairs], max_memory, what="diff", where=where_a, sides=2)
     callback, close = progress_callback(progress, "diff")
     done = {"a": (0, 0), "b": (0, 0)}
 
@@ -522,17 +536,20 @@ def _compare(
         if callback is None:
             return None
 
-        def report(n: int, total: int) -> None:
+        def report(n: int, total: int, reads_in_flight: int = 1) -> None:
             done[name] = (n, total)
-            callback(done["a"][0] + done["b"][0], done["a"][1] + done["b"][1])
+            both = (done["a"][0] + done["b"][0], done["a"][1] + done["b"][1])
+            call_progress(callback, *both, 2 * reads_in_flight)
 
         return report
 
-    where_a = where(info_a.path, info_a.step, info_a.item)
-    where_b = where(info_b.path, info_b.step, info_b.item)
     try:
-        arrays_a = iter_arrays(loc_a, [a for a, _ in pairs], progress=side("a"), where=where_a)
-        arrays_b = iter_arrays(loc_b, [b for _, b in pairs], progress=side("b"), where=where_b)
+        arrays_a = iter_arrays(
+            loc_a, [a for a, _ in pairs], progress=side("a"), where=where_a, plan=plan
+        )
+        arrays_b = iter_arrays(
+            loc_b, [b for _, b in pairs], progress=side("b"), where=where_b, plan=plan
+        )
         for (leaf, va), (_, vb) in zip(arrays_a, arrays_b, strict=True):
             yield leaf.name, array_diff(leaf.name, va, vb, keys=leaf.key_impl is not None)
             del va, vb

@@ -17,9 +17,11 @@ from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text, table, where
 from nnx_ckpt_widgets._values import (
     ArrayStats,
+    MemoryArg,
     ProgressArg,
     array_stats,
     iter_arrays,
+    plan_reads,
     progress_callback,
     select_leaves,
 )
@@ -300,13 +302,15 @@ def stats(
     item: str | None = None,
     select: str | None = None,
     progress: ProgressArg = None,
+    max_memory: MemoryArg = None,
 ) -> StatsReport:
     """Read a checkpoint's arrays and sum up their values: min, max, mean, std, L2 norm, the
     number of NaN, +Inf and -Inf, and the fraction of zeros.
 
     Float statistics are over the finite values; ints get the same (exact min and max), bools
-    their counts, PRNG key arrays are listed as keys. Arrays are read one bounded batch at a
-    time onto host memory, so peak memory stays near the largest array.
+    their counts, PRNG key arrays are listed as keys. Arrays are read in bounded batches onto
+    host memory, as many at once as ``max_memory`` allows (two per core at most), so the
+    whole checkpoint is never in memory.
 
     Args:
       path: anything :func:`nnx_ckpt_widgets.inspect` takes.
@@ -314,19 +318,27 @@ def stats(
       item: the item (checkpointable) to read when there are several.
       select: a regex searched in each key (``layers/0/kernel``): only the arrays it matches
         are read.
-      progress: a callable ``progress(done_bytes, total_bytes)``; ``True`` for a tqdm bar,
-        ``False`` for none; by default a tqdm bar when stderr is a terminal.
+      progress: a callable ``progress(done_bytes, total_bytes)`` (also given
+        ``reads_in_flight=`` when it takes that keyword); ``True`` for a tqdm bar, ``False``
+        for none; by default a tqdm bar when stderr is a terminal.
+      max_memory: the memory the reads may use on top of what the process holds at the call:
+        bytes, or a string such as ``"512MiB"``. By default a quarter of the memory available
+        at the call, at most 4 GiB (the rest stays for the caller's process and its
+        neighbours; more than 4 GiB buys no speed at two reads per core). Each read in flight
+        counts 2.2x its batch (compressed bytes and the array they decode into).
 
     Returns:
       A :class:`StatsReport`.
 
     Raises:
-      InvalidArgumentError: ``select`` is not a valid regex, or matches nothing.
+      InvalidArgumentError: ``select`` is not a valid regex, or matches nothing; or
+        ``max_memory`` is not a size, or too small to read the largest selected array (the
+        message names the array and the budget it needs).
       CheckpointError: the checkpoint cannot be found or read.
     """
     info = inspect(path, step=step, item=item)
     leaves, skipped = select_leaves(list(info.leaves.values()), select, info_where(info))
-    report = stats_of(info, leaves, progress=progress)
+    report = stats_of(info, leaves, progress=progress, max_memory=max_memory)
     return dataclasses.replace(report, select=select, skipped=skipped)
 
 
@@ -335,18 +347,25 @@ def info_where(info: CheckpointInfo) -> str:
 
 
 def stats_of(
-    info: CheckpointInfo, leaves: Sequence[LeafInfo], *, progress: ProgressArg = None
+    info: CheckpointInfo,
+    leaves: Sequence[LeafInfo],
+    *,
+    progress: ProgressArg = None,
+    max_memory: MemoryArg = None,
 ) -> StatsReport:
     """The statistics of ``leaves`` of ``info`` (what :func:`stats` and the browser call).
 
     Raises:
+      InvalidArgumentError: ``max_memory`` is too small for the largest of ``leaves``.
       CheckpointError: the arrays cannot be read.
     """
     location = info.located()
+    plan = plan_reads(leaves, max_memory, what="stats", where=info_where(info))
     callback, close = progress_callback(progress, "stats")
     entries = []
     try:
-        for leaf, array in iter_arrays(location, leaves, progress=callback, where=info_where(info)):
+        arrays = iter_arrays(location, leaves, progress=callback, where=info_where(info), plan=plan)
+        for leaf, array in arrays:
             entries.append(array_stats(leaf.name, array, key_impl=leaf.key_impl, dtype=leaf.dtype))
             del array
     finally:

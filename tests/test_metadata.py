@@ -139,7 +139,7 @@ def _orbax_leaves(item_dir: Path) -> list[tuple[tuple[str, ...], tuple[int, ...]
     return out
 
 
-def test_fast_reader_returns_what_orbax_returns(kind_dir):
+def test_fast_reader_returns_what_orbax_returns(kind_dir, monkeypatch):
     """Same leaves, shapes, dtypes and shardings as Orbax's own metadata API.
 
     Orbax lists leaves sorted by their string keys ('10' before '2'); the reader keeps the
@@ -159,6 +159,14 @@ def test_fast_reader_returns_what_orbax_returns(kind_dir):
         # The fast path itself (not the Orbax fallback) produced the answer.
         fast = _tree_metadata.read_fast(item_dir)
         assert {f.stored_path: (f.shape, f.dtype, f.sharding) for f in fast} == expected
+        # The headers came from the B+tree's one node (no per-key read), and the per-key
+        # reads, which a taller tree would use, give the same leaves.
+        found = _tree_metadata._root_node_values(item_dir, None)
+        assert found is not None
+        header = "zarr.json" if "zarr3" in name else ".zarray"
+        assert all(f"{'.'.join(f.stored_path)}/{header}".encode() in found for f in fast)
+        monkeypatch.setattr(_tree_metadata, "_root_node_values", lambda *_: None)
+        assert _tree_metadata.read_fast(item_dir) == fast
     else:
         with pytest.raises(_tree_metadata.Unrecognised):
             _tree_metadata.read_fast(item_dir)

@@ -495,3 +495,65 @@ def test_python_scalar_variables_into_an_abstract_model_need_cast(tmp_path):
     model = ncw.load(path, lambda: Counter(1, rngs=nnx.Rngs(1)), cast=True)
     assert (int(model.count.get_value()), float(model.scale.get_value())) == (3, 1.5)
     assert bool(model.flag.get_value()) is True
+
+
+class _Small(nnx.Module):
+    def __init__(self, i: int, seed: int):
+        rng = np.random.default_rng(seed * 10_000 + i)
+        self.kernel = nnx.Param(rng.standard_normal((3, 5)).astype(np.float32))
+        self.bias = nnx.Param(rng.standard_normal((7,)).astype(ml_dtypes.bfloat16))
+        self.count = nnx.BatchStat(rng.integers(-9, 9, (2,)).astype(np.int32))
+        special = np.array([np.nan, -0.0, np.inf, -np.inf], np.float32)
+        self.special = nnx.Param(special if i % 2 else rng.standard_normal(4).astype(np.float32))
+
+
+class _ManySmall(nnx.Module):
+    def __init__(self, layers: int, seed: int):
+        self.layers = nnx.List([_Small(i, seed) for i in range(layers)])
+        # Too large to be stored inline in the OCDBT node: read by Orbax beside the others.
+        self.big = nnx.Param(np.random.default_rng(seed).standard_normal((64, 64)).astype("f4"))
+
+
+def test_many_small_arrays_are_read_from_the_btree_node_bit_for_bit(tmp_path, monkeypatch):
+    from nnx_ckpt_widgets.layouts import _pytree
+
+    layers = 150  # 600 small arrays: over the threshold of the one-decode read
+    path = save_checkpoint(tmp_path / "many", nnx.state(_ManySmall(layers, 0)))
+    decoded: list[int] = []
+    real = _pytree._decode_chunks
+
+    def counting(chunks):
+        decoded.append(len(chunks))
+        return real(chunks)
+
+    monkeypatch.setattr(_pytree, "_decode_chunks", counting)
+    model = _ManySmall(layers, 1)
+    ncw.restore(path, model)
+    assert decoded == [4 * layers]  # every small array in one decode; the big one by Orbax
+    saved = jax.tree.leaves(nnx.state(_ManySmall(layers, 0)))
+    restored = jax.tree.leaves(nnx.state(model))
+    assert len(saved) == len(restored) == 4 * layers + 1
+    for want, got in zip(saved, restored, strict=True):
+        want, got = np.asarray(want), np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # NaN, -0.0
+    # stats reads the same arrays on host through the same path.
+    report = ncw.stats(path, progress=False)
+    special = next(e for e in report if e.key.startswith("layers/3/special"))
+    assert (special.nan, special.posinf, special.neginf, special.zeros) == (1, 1, 1, 1)
+
+
+def test_many_small_arrays_damaged_node_leaves_the_model_unchanged(tmp_path):
+    layers = 150
+    path = save_checkpoint(tmp_path / "many", nnx.state(_ManySmall(layers, 0)))
+    model = _ManySmall(layers, 1)
+    report = ncw.compare(path, model)  # from the intact metadata
+    assert report.ok and len(ncw.inspect(path)) == 4 * layers + 1
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(model))]
+    for node in (path / "d").iterdir():  # the B+tree's node file: cut it short
+        node.write_bytes(node.read_bytes()[: node.stat().st_size // 2])
+    with pytest.raises(ncw.CorruptCheckpointError, match="could not be read"):
+        ncw.apply_report(report, model)
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

@@ -267,6 +267,88 @@ def test_batches_are_bounded_and_progress_is_reported(zoo, monkeypatch):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+@pytest.fixture(scope="module")
+def budget_ckpt(tmp_path_factory) -> Path:
+    """Eight 1 MiB arrays and a small one."""
+    rng = np.random.default_rng(3)
+    tree = {f"w{i}": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(8)}
+    tree["bias"] = np.arange(4, dtype=np.float32)
+    return save_checkpoint(tmp_path_factory.mktemp("budget") / "ckpt", tree)
+
+
+def test_a_budget_too_small_for_the_largest_array_is_refused_before_any_read(
+    budget_ckpt, monkeypatch
+):
+    info = nw.inspect(budget_ckpt)
+    layout = type(info.location.layout)
+    reads: list[int] = []
+    real = layout.read
+
+    def counting(self, location, requests):
+        reads.append(len(requests))
+        return real(self, location, requests)
+
+    monkeypatch.setattr(layout, "read", counting)
+    with pytest.raises(nw.InvalidArgumentError) as raised:
+        nw.stats(budget_ckpt, progress=False, max_memory="33MiB")
+    message = str(raised.value)
+    assert "max_memory=33.0 MiB is too small" in message and "w0 (1.0 MiB)" in message
+    need = int(message.split("(")[2].split(" bytes")[0])
+    assert need > 33 * 2**20 and str(budget_ckpt) in message
+    with pytest.raises(nw.InvalidArgumentError, match=r"largest array, w0 \(1.0 MiB\)"):
+        nw.diff(budget_ckpt, budget_ckpt, progress=False, max_memory=need)
+    assert reads == []
+    # The budget it names is enough: the same call then reads every array.
+    report = nw.stats(budget_ckpt, progress=False, max_memory=need)
+    assert len(report) == 9 and sum(reads) == 9
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((256, 1024)).astype(np.float32)
+    assert report["w0"].max == float(w0.max()) and report["w0"].min == float(w0.min())
+    assert main(["stats", str(budget_ckpt), "--no-progress", "--max-memory", "33MiB"]) == 1
+    assert main(["stats", str(budget_ckpt), "--no-progress", "--max-memory", str(need)]) == 0
+    with pytest.raises(nw.InvalidArgumentError, match="'lots' is not a size"):
+        nw.stats(budget_ckpt, max_memory="lots")
+    with pytest.raises(nw.InvalidArgumentError, match="must be positive"):
+        nw.stats(budget_ckpt, max_memory=0)
+
+
+def test_a_larger_budget_gives_more_reads_in_flight(budget_ckpt, monkeypatch):
+    monkeypatch.setattr(_values, "cores", lambda: 4)  # the same figures on any machine
+    # Batches of one array: each read in flight then counts 1 MiB x 2.2, on 32 MiB reserved
+    # and the 1 MiB being summed up.
+    monkeypatch.setattr(_values, "BATCH_BYTES", 2**20)
+
+    def reads_in_flight(function, **kwargs) -> set[int]:
+        seen: set[int] = set()
+
+        def progress(done: int, total: int, *, reads_in_flight: int) -> None:
+            seen.add(reads_in_flight)
+
+        function(budget_ckpt, progress=progress, **kwargs)
+        return seen
+
+    assert reads_in_flight(nw.stats, max_memory="36MiB") == {1}
+    assert reads_in_flight(nw.stats, max_memory="38MiB") == {2}
+    # At most two per core, and never more than there are batches (8 arrays, 1 MiB each).
+    assert reads_in_flight(nw.stats, max_memory="1GiB") == {8}
+    # diff shares its budget and the cores between its two sides, each with its own reads.
+    assert reads_in_flight(lambda p, **kw: nw.diff(p, p, **kw), max_memory="72MiB") == {2}
+    assert reads_in_flight(lambda p, **kw: nw.diff(p, p, **kw), max_memory="1GiB") == {8}
+    # A callable without the keyword is called as before.
+    calls: list[tuple[int, int]] = []
+    nw.stats(budget_ckpt, progress=lambda d, t: calls.append((d, t)), max_memory="1GiB")
+    assert calls[-1][0] == calls[-1][1] == nw.inspect(budget_ckpt).nbytes
+
+
+def test_default_budget_is_a_capped_share_of_available_memory(monkeypatch):
+    monkeypatch.setattr(_values, "available_memory", lambda: 8 * 2**30)
+    assert _values.default_budget() == 2 * 2**30
+    monkeypatch.setattr(_values, "available_memory", lambda: 64 * 2**30)
+    assert _values.default_budget() == 4 * 2**30
+    assert _values.parse_memory("512MiB") == 512 * 2**20
+    assert _values.parse_memory("1.5 GB") == 1_500_000_000 and _values.parse_memory(7) == 7
+
+
 def test_repeated_layers_fold_with_their_nan_members(tmp_path):
     layers = {str(i): {"kernel": np.full((2, 2), float(i), np.float32)} for i in range(48)}
     layers["17"]["kernel"][0, 0] = np.nan

@@ -10,7 +10,8 @@ Leaf metadata (shape, dtype, sharding) is read without array bytes.
 ``StandardCheckpointer().metadata(path)`` gives the same answer, but pays per-leaf Python
 overhead and one TensorStore open per array (about 6 s for 10,000 leaves). This reader reads the
 same on-disk metadata directly: ``_METADATA`` (the tree), ``_sharding`` (one JSON map) and every
-array's zarr header, fetched from the OCDBT key-value store in one batch of concurrent reads.
+array's zarr header, taken from the OCDBT B+tree's one leaf node in a single decode (or, for a
+taller tree, fetched from the key-value store in one batch of concurrent reads).
 A test checks that it returns exactly what Orbax returns; anything it does not recognise falls
 back to Orbax's own API.
 """
@@ -18,7 +19,9 @@ back to Orbax's own API.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -227,10 +230,14 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     header = "zarr.json" if zarr3 else ".zarray"
     spec = {"driver": "ocdbt", "base": _storage.kvstore(item_dir)}
     wait = _storage.timeout(item_dir)
+    keys = [f"{name}/{header}" for name in names]
     try:
+        found = _root_node_values(item_dir, wait)
+        if found is not None and all(key.encode() in found for key in keys):
+            return [found[key.encode()] for key in keys]
         store = ts.KvStore.open(spec, context=_storage.ts_context(item_dir)).result(timeout=wait)
         # All reads are issued before the first wait: TensorStore batches and overlaps them.
-        futures = [store.read(f"{name}/{header}") for name in names]
+        futures = [store.read(key) for key in keys]
         results = [f.result(timeout=wait) for f in futures]
     except (ValueError, RuntimeError, OSError, TimeoutError) as err:
         # Out of memory or a storage that does not answer is not damage: say which case.
@@ -248,6 +255,42 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
             f"{PYTREE_METADATA} has no data; restore it from a copy or save it again."
         )
     return [bytes(r.value) for r in results]
+
+
+def _root_node_values(item_dir: AnyPath, wait: float | None) -> dict[bytes, bytes] | None:
+    """Every key and inline value of the OCDBT database, when its B+tree is one leaf node.
+
+    Orbax configures OCDBT with 100 MB nodes and values up to 1 KiB inline, so a checkpoint of
+    up to a few hundred thousand arrays is one node holding every zarr header. A point read
+    decodes that whole node, once per key: 100,000 headers read one by one took 93 s, this
+    one decode 3 s. Anything else (a taller tree, several versions) returns None, and the
+    caller reads key by key.
+    """
+    import tensorstore as ts
+
+    base_spec = dict(_storage.kvstore(item_dir))
+    if base_spec.get("path") and not str(base_spec["path"]).endswith("/"):
+        base_spec["path"] = f"{base_spec['path']}/"
+    context = _storage.ts_context(item_dir)
+    base = ts.KvStore.open(base_spec, context=context).result(timeout=wait)
+    dump = ts.ocdbt.dump
+    manifest = dump(base, context=context).result(timeout=wait)
+    versions = manifest.get("versions") if isinstance(manifest, dict) else None
+    if not isinstance(versions, list) or not versions or manifest.get("version_tree_nodes"):
+        return None
+    latest = versions[-1]
+    location = (latest.get("root") or {}).get("location")
+    if latest.get("root_height") != 0 or not isinstance(location, str):
+        return None
+    node = dump(base, location, context=context).result(timeout=wait)
+    entries = node.get("entries") if isinstance(node, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return {
+        bytes(entry["key"]): bytes(entry["inline_value"])
+        for entry in entries
+        if isinstance(entry, dict) and "key" in entry and "inline_value" in entry
+    }
 
 
 def _parse_header(
@@ -362,9 +405,23 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
     import numpy as np
     import orbax.checkpoint as ocp
 
+    inline: dict[int, Any] = {}
+    if len(requests) >= _MANY:
+        try:
+            inline = _read_inline(item_dir, requests)
+        except CheckpointError:
+            raise
+        except Exception as err:  # TensorStore raises many types for damaged data.
+            raise CorruptCheckpointError(
+                f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was "
+                "left unchanged, restore the checkpoint from a copy or save it again."
+            ) from err
+        if len(inline) == len(requests):
+            return [inline[i] for i in range(len(requests))]
+    rest = [r for i, r in enumerate(requests) if i not in inline]
     item: dict = {}
     restore_args: dict = {}
-    for request in requests:
+    for request in rest:
         if request.host:
             # Orbax's numpy restore: the stored dtype, in host memory, no device copy.
             _nest(item, request.stored_path, jax.ShapeDtypeStruct(request.shape, request.dtype))
@@ -418,7 +475,8 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
 
     try:
         restored = _storage.guarded(item_dir, restore)
-        return [_get(restored, request.stored_path) for request in requests]
+        read = iter([_get(restored, request.stored_path) for request in rest])
+        return [inline[i] if i in inline else next(read) for i in range(len(requests))]
     except CheckpointError:
         raise
     except Exception as err:  # Orbax and TensorStore raise many types: say which case this is
@@ -426,6 +484,143 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
         if legacy is not None:
             return legacy.read_arrays(item_dir, requests)
         raise read_error(item_dir, err) from err
+
+
+# From this many arrays in one read, decoding the B+tree's node once beats a partial restore,
+# whose per-array cost (about 2.8 ms, an Orbax handler call and TensorStore opens) dominates.
+_MANY = 512
+_ZARR_KEYS = {"chunks", "compressor", "dtype", "fill_value", "filters", "order", "shape"}
+
+
+def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int, Any]:
+    """``{index in requests: array}`` for the requested arrays that are one zarr v2 chunk
+    stored inline in the OCDBT B+tree's one leaf node (Orbax stores values up to 1 KiB
+    inline: small arrays are), in the stored dtype; the others are Orbax's to read.
+
+    The node is decoded once; the chunks, grouped by size, are decoded by TensorStore's own
+    zarr driver over an in-memory store (one open and one read per size), so the bytes are
+    the ones a restore through Orbax gives, bit for bit.
+    """
+    import numpy as np
+
+    values = _root_node_values(item_dir, _storage.timeout(item_dir))
+    if values is None:
+        return {}
+    plan = []
+    for index, request in enumerate(requests):
+        if request.scalar_type is not None or not _single_device(request):
+            continue
+        name = ".".join(request.stored_path)
+        raw = values.get(f"{name}/.zarray".encode())
+        if raw is None:
+            continue
+        try:
+            header = json.loads(raw)  # checked by inspect's guarded reader; else Orbax reads it
+            dtype = np.dtype(dtype_name(header["dtype"]))
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
+        shape = tuple(request.shape)
+        compressor = header.get("compressor")
+        if (
+            header.get("zarr_format") != 2
+            or not header.keys() >= _ZARR_KEYS
+            or tuple(header["shape"]) != shape
+            or tuple(header["chunks"]) != shape
+            or header["order"] != "C"
+            or header["filters"] is not None
+            or header.get("dimension_separator", ".") != "."
+            or not (compressor is None or compressor == {"id": "zstd", "level": 1})
+            or dtype.name != request.dtype
+            # little-endian, single bytes, or bfloat16 (which TensorStore stores little-endian)
+            or not (str(header["dtype"])[:1] in "<|" or header["dtype"] == "bfloat16")
+        ):
+            continue
+        chunk = values.get(f"{name}/{'.'.join('0' * len(shape)) or '0'}".encode())
+        if chunk is None:
+            continue
+        plan.append((index, request, dtype, shape, compressor, chunk))
+    if len(plan) < _MANY:
+        return {}
+    decoded = _decode_chunks(
+        [
+            (compressor, dtype.itemsize * math.prod(shape), chunk)
+            for _, _, dtype, shape, compressor, chunk in plan
+        ]
+    )
+    arrays = [
+        np.frombuffer(data, dtype).reshape(shape).copy()
+        for (_, _, dtype, shape, _, _), data in zip(plan, decoded, strict=True)
+    ]
+    placed = _place([request for _, request, *_ in plan], arrays)
+    return {index: array for (index, *_), array in zip(plan, placed, strict=True)}
+
+
+def _single_device(request: ReadRequest) -> bool:
+    if request.host or request.sharding is None:
+        return True
+    devices = getattr(request.sharding, "device_set", None)
+    return devices is not None and len(devices) == 1
+
+
+def _decode_chunks(chunks: list[tuple[Any, int, bytes]]) -> list[bytes]:
+    """Each ``(compressor, decoded size, stored bytes)`` decoded, by TensorStore's zarr
+    driver: chunks of one size and compressor become one zarr array of bytes over a
+    ``memory`` store, read in one call."""
+    import numpy as np
+    import tensorstore as ts
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, (compressor, size, _) in enumerate(chunks):
+        groups.setdefault((json.dumps(compressor), size), []).append(index)
+    out: list[bytes] = [b""] * len(chunks)
+    context = ts.Context()
+    memory = ts.KvStore.open({"driver": "memory"}, context=context).result()
+    for number, ((compressor, size), members) in enumerate(groups.items()):
+        if size == 0:
+            continue
+        prefix = f"g{number}/"
+        metadata = {
+            "zarr_format": 2,
+            "shape": [len(members) * size],
+            "chunks": [size],
+            "dtype": "|u1",
+            "compressor": json.loads(compressor),
+            "fill_value": None,
+            "filters": None,
+            "order": "C",
+            "dimension_separator": ".",
+        }
+        writes = [memory.write(prefix + ".zarray", json.dumps(metadata).encode())]
+        writes += [
+            memory.write(f"{prefix}{i}", chunks[index][2]) for i, index in enumerate(members)
+        ]
+        for write in writes:
+            write.result()
+        array = ts.open(
+            {"driver": "zarr", "kvstore": {"driver": "memory", "path": prefix}},
+            context=context,
+            open=True,
+        ).result()
+        data = np.asarray(array.read().result()).reshape(len(members), size)
+        for row, index in zip(data, members, strict=True):
+            out[index] = row.tobytes()
+    return out
+
+
+def _place(requests: Sequence[ReadRequest], arrays: list[Any]) -> list[Any]:
+    """Host arrays as they are; the others on their device, in one transfer."""
+    import jax
+
+    on_device = [i for i, r in enumerate(requests) if not r.host]
+    if on_device:
+        device = jax.local_devices()[0]
+        shardings = [
+            requests[i].sharding or jax.sharding.SingleDeviceSharding(device) for i in on_device
+        ]
+        placed = jax.device_put([arrays[i] for i in on_device], shardings)
+        for i, value in zip(on_device, placed, strict=True):
+            arrays[i] = value
+    return arrays
 
 
 def _nest(tree: dict, path: tuple[str, ...], value: Any) -> None:
