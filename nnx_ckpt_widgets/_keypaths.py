@@ -37,6 +37,11 @@ def to_keypath(path: Iterable[Hashable]) -> KeyPath:
 VARIABLE_LEVEL = "value"
 
 
+def from_jax(path: Sequence[object]) -> tuple[str, ...]:
+    """A JAX key path (``DictKey``, ``SequenceKey``, ``GetAttrKey``) as our string key path."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def has_variable_level(paths: Iterable[Sequence[str]]) -> bool:
     """True when every path ends in the ``value`` level of a saved ``nnx.State``."""
     paths = list(paths)

@@ -119,8 +119,6 @@ def _flat(value: Any) -> dict[KeyPath, Any]:
     import jax
     from flax import nnx
 
-    from nnx_ckpt_widgets.layouts._pytree import entry_keys
-
     if nnx.graph.is_graph_node(value):
         value = nnx.state(value)
     if isinstance(value, nnx.State):
@@ -132,7 +130,7 @@ def _flat(value: Any) -> dict[KeyPath, Any]:
         return out
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-        flat[_keypaths.to_keypath(entry_keys(path))] = leaf
+        flat[_keypaths.to_keypath(_keypaths.from_jax(path))] = leaf
     if _keypaths.has_variable_level(flat):
         flat = {p[:-1]: v for p, v in flat.items()}
     return flat

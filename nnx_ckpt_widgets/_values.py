@@ -12,7 +12,7 @@ Statistics of a float array (min, max, mean, std, L2 norm) are over its finite v
 +Inf and -Inf are counted apart, so a weight matrix with one NaN still shows its scale.
 
 Reading is :func:`iter_arrays`: the layout's own ``read`` in bounded batches
-(:func:`nnx_ckpt_widgets.restore.read_batches`), with the next batches read in worker threads
+(:func:`nnx_ckpt_widgets.layouts.read_batches`), with the next batches read in worker threads
 while this one is summed up (TensorStore and NumPy release the GIL). How many are read at once
 follows from a memory budget (:func:`plan_reads`): as many as fit, two per core at most, at
 least one; a budget too small for one read of the largest array is refused before any read.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from nnx_ckpt_widgets._failures import read_error
 from nnx_ckpt_widgets.errors import CheckpointError, CorruptCheckpointError
-from nnx_ckpt_widgets.layouts import Location, ReadRequest
+from nnx_ckpt_widgets.layouts import Location, ReadRequest, read_batches
 from nnx_ckpt_widgets.metadata import LeafInfo
 
 if TYPE_CHECKING:
@@ -636,8 +636,6 @@ def iter_arrays(
     from concurrent.futures import Future, ThreadPoolExecutor
 
     import numpy as np
-
-    from nnx_ckpt_widgets.restore import read_batches
 
     items = list(zip(leaves, read_requests(leaves), strict=True))
     limit = BATCH_BYTES if batch_bytes is None else batch_bytes

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from functools import cached_property
 from typing import Any, Literal
 
-from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets import _keypaths, _untrusted
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets._untrusted import no_gc
@@ -55,12 +55,10 @@ class LeafInfo:
         """Bytes the array takes in memory."""
         import numpy as np
 
-        from nnx_ckpt_widgets.layouts._pytree import dtype_name
-
         try:
             itemsize = np.dtype(self.dtype).itemsize
         except TypeError:
-            itemsize = np.dtype(dtype_name(self.dtype)).itemsize
+            itemsize = np.dtype(_untrusted.dtype_name(self.dtype)).itemsize
         return self.size * itemsize
 
     @property

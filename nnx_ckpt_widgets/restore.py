@@ -18,7 +18,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from nnx_ckpt_widgets import _failures, _keypaths
 from nnx_ckpt_widgets.compare import (
@@ -38,7 +38,7 @@ from nnx_ckpt_widgets.errors import (
     TransformError,
     first_line,
 )
-from nnx_ckpt_widgets.layouts import ReadRequest
+from nnx_ckpt_widgets.layouts import ReadRequest, read_batches
 from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo, inspect
 from nnx_ckpt_widgets.plan import (
     MissingPolicy,
@@ -48,9 +48,8 @@ from nnx_ckpt_widgets.plan import (
     make_plan,
 )
 
-__all__ = ["apply_plan", "apply_report", "load", "read_batches", "restore"]
+__all__ = ["apply_plan", "apply_report", "load", "restore"]
 
-T = TypeVar("T")
 Progress = Callable[[int, int], None]
 # Arrays are read in batches of about this many bytes, so progress can be reported and a
 # batch's temporary buffers stay bounded; one Orbax call per batch costs a few milliseconds.
@@ -659,28 +658,3 @@ def _placed(info: CheckpointInfo, entry: KeyStatus, target: TargetLeaf, value: A
     if isinstance(target.sharding, jax.sharding.Sharding):
         return jax.device_put(value, target.sharding)
     return jnp.asarray(value)
-
-
-def read_batches(
-    items: Sequence[T], limit: int, size: Callable[[T], int] | None = None
-) -> list[list[T]]:
-    """Consecutive groups of ``items`` of at most ``limit`` bytes each (one big array makes a
-    batch of its own): the unit of one ``Layout.read`` call.
-
-    Args:
-      items: what to read, in order.
-      limit: bytes per batch.
-      size: the bytes of one item; by default ``item[0][0].nbytes`` (restore's
-        ``((leaf, target), request)`` pairs).
-    """
-    measure = size if size is not None else (lambda entry: entry[0][0].nbytes)
-    batches: list[list[T]] = []
-    total = 0
-    for entry in items:
-        nbytes = measure(entry)
-        if not batches or total + nbytes > limit:
-            batches.append([])
-            total = 0
-        batches[-1].append(entry)
-        total += nbytes
-    return batches

@@ -22,7 +22,14 @@ from nnx_ckpt_widgets.errors import (
 )
 from nnx_ckpt_widgets.layouts import _unsafe
 from nnx_ckpt_widgets.layouts._steps import TMP_MARKER
-from nnx_ckpt_widgets.layouts.base import Layout, Location, ReadRequest, StepInfo, StoredLeaf
+from nnx_ckpt_widgets.layouts.base import (
+    Layout,
+    Location,
+    ReadRequest,
+    StepInfo,
+    StoredLeaf,
+    read_batches,
+)
 from nnx_ckpt_widgets.layouts.msgpack import MsgpackLayout
 from nnx_ckpt_widgets.layouts.orbax_legacy import OrbaxLegacyLayout
 from nnx_ckpt_widgets.layouts.orbax_v0 import OrbaxV0Layout
@@ -31,7 +38,16 @@ from nnx_ckpt_widgets.layouts.orbax_v1 import OrbaxV1Layout
 from nnx_ckpt_widgets.layouts.orbax_v1_training import OrbaxV1TrainingLayout
 from nnx_ckpt_widgets.layouts.safetensors import SafetensorsLayout
 
-__all__ = ["LAYOUTS", "Layout", "Location", "ReadRequest", "StepInfo", "StoredLeaf", "locate"]
+__all__ = [
+    "LAYOUTS",
+    "Layout",
+    "Location",
+    "ReadRequest",
+    "StepInfo",
+    "StoredLeaf",
+    "locate",
+    "read_batches",
+]
 
 # Order matters only where two could match: an Orbax 0.2.x folder (a checkpoint file, no
 # _METADATA) before the PyTree folder it also is to is_pytree; a PyTree folder first (it may

@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from nnx_ckpt_widgets import _storage, _untrusted
+from nnx_ckpt_widgets import _keypaths, _storage, _untrusted
 from nnx_ckpt_widgets._failures import read_error, target_sharding
 from nnx_ckpt_widgets._failures import reason as reason  # orbax_legacy uses _pytree.reason
 from nnx_ckpt_widgets._storage import AnyPath
@@ -353,7 +353,7 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
     key_impls = _read_key_impls(item_dir)
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = entry_keys(path)
+        keys = _keypaths.from_jax(path)
         try:  # Orbax read the same untrusted headers: the same checks as the fast reader
             shape = _untrusted.shape([int(n) for n in getattr(leaf, "shape", ()) or ()])
             dtype = dtype_name(getattr(leaf, "dtype", None) or "float32")
@@ -366,11 +366,6 @@ def _read_with_orbax(item_dir: AnyPath) -> list[StoredLeaf]:
         sharding = _orbax_sharding(getattr(leaf, "sharding", None))
         leaves.append(StoredLeaf(keys, shape, dtype, sharding, key_impls.get(".".join(keys))))
     return leaves
-
-
-def entry_keys(path: Sequence[Any]) -> tuple[str, ...]:
-    """A JAX key path (``DictKey``, ``SequenceKey``, ...) as our string key path."""
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _orbax_sharding(sharding: Any) -> str | None:

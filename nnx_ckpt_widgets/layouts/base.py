@@ -14,11 +14,13 @@ Everything above the layouts (``inspect``, ``compare``, ``restore``, the widgets
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._storage import AnyPath, Listing
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,3 +148,28 @@ class Layout(Protocol):
           CorruptCheckpointError: the array data cannot be read.
         """
         ...
+
+
+def read_batches(
+    items: Sequence[T], limit: int, size: Callable[[T], int] | None = None
+) -> list[list[T]]:
+    """Consecutive groups of ``items`` of at most ``limit`` bytes each (one big array makes a
+    batch of its own): the unit of one ``Layout.read`` call.
+
+    Args:
+      items: what to read, in order.
+      limit: bytes per batch.
+      size: the bytes of one item; by default ``item[0][0].nbytes`` (restore's
+        ``((leaf, target), request)`` pairs).
+    """
+    measure = size if size is not None else (lambda entry: entry[0][0].nbytes)
+    batches: list[list[T]] = []
+    total = 0
+    for entry in items:
+        nbytes = measure(entry)
+        if not batches or total + nbytes > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(entry)
+        total += nbytes
+    return batches
