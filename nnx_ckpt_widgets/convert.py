@@ -810,6 +810,8 @@ def _arrays(
                     f"{plan.dst}: check the source with nw.inspect."
                 )
             yield key, array
+        # Run the reader to its end: its last progress call, and the check that it is done.
+        assert next(reader, None) is None, "every array read was used"
 
 
 def _write_safetensors(
