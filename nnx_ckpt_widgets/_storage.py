@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nnx_ckpt_widgets import _bucket
-from nnx_ckpt_widgets.errors import CheckpointNotFoundError, InvalidArgumentError
+from nnx_ckpt_widgets.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
 
 # Any other "scheme://" is one Orbax 0.12.8 cannot read: it sends only gs:// to a cloud driver
 # and would normalise s3://b/x into the local path s3:/b/x (S3 is orbax issue 359).
@@ -83,6 +83,22 @@ def as_path(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
             "or mount the bucket as one, and pass that path."
         )
     return Path(text).expanduser()
+
+
+@contextlib.contextmanager
+def spelled_as_given(path: object) -> Iterator[None]:
+    """Errors raised inside name ``~/runs/ckpt`` as the user wrote it, not as it expands."""
+    given = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(given, str) or not given.startswith("~"):
+        yield
+        return
+    expanded = str(Path(given).expanduser())
+    try:
+        yield
+    except CheckpointError as err:
+        if err.args and isinstance(err.args[0], str) and expanded in err.args[0]:
+            err.args = (err.args[0].replace(expanded, given), *err.args[1:])
+        raise
 
 
 def absolute(path: AnyPath) -> AnyPath:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from functools import cached_property
 from typing import Any, Literal
 
-from nnx_ckpt_widgets import _keypaths, _untrusted
+from nnx_ckpt_widgets import _keypaths, _storage, _untrusted
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets._untrusted import no_gc
@@ -236,9 +236,10 @@ def inspect(
       CheckpointError: a subclass naming the path and the problem, e.g.
         ``CheckpointNotFoundError`` or ``CorruptCheckpointError``.
     """
-    location = locate(path, step=step, item=item)
-    with no_gc():  # a million LeafInfo objects and no cycles: see _untrusted.no_gc
-        return info_from_location(location)
+    with _storage.spelled_as_given(path):
+        location = locate(path, step=step, item=item)
+        with no_gc():  # a million LeafInfo objects and no cycles: see _untrusted.no_gc
+            return info_from_location(location)
 
 
 def info_from_location(location: Location) -> CheckpointInfo:

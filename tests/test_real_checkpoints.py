@@ -443,6 +443,13 @@ def test_paths_are_normalised_for_orbax_and_shown_as_given(tmp_path, monkeypatch
     model = net(0)
     nw.restore("~/out/ckpt", model, step=1)
     assert_same_arrays(snapshot(net(1)), model)
+    # Errors spell the path as given too, not as it expands.
+    with pytest.raises(nw.CheckpointNotFoundError) as missing:
+        nw.inspect("~/out/elsewhere")
+    assert "No checkpoint at ~/out/elsewhere:" in str(missing.value)
+    assert str(tmp_path) not in str(missing.value)
+    with pytest.raises(nw.CheckpointNotFoundError, match=r"~/out/ckpt.*step 9"):
+        nw.restore("~/out/ckpt", model, step=9)
 
 
 # --- 5. keys holding "/" (Gemma's release format) -------------------------------------------------
