@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nnx_ckpt_widgets import _bucket
 from nnx_ckpt_widgets.errors import CheckpointError, CheckpointNotFoundError, InvalidArgumentError
@@ -47,7 +47,36 @@ def one_look() -> Iterator[None]:
         _SEEN.reset(token)
 
 
-AnyPath = Any  # pathlib.Path, or an etils.epath.Path for a URL
+class AnyPath(Protocol):
+    """What the layouts use of a path: ``pathlib.Path`` for a local folder, and
+    ``etils.epath.Path`` (Orbax's own path type) for a ``gs://`` URL, both satisfy it. Typed
+    as a protocol because etils ships no type information: mypy checks every layout against
+    exactly these operations."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parent(self) -> AnyPath: ...
+
+    @property
+    def suffix(self) -> str: ...
+
+    def __truediv__(self, key: str) -> AnyPath: ...
+
+    def exists(self) -> bool: ...
+
+    def is_dir(self) -> bool: ...
+
+    def is_file(self) -> bool: ...
+
+    def iterdir(self) -> Iterator[AnyPath]: ...
+
+    def read_bytes(self) -> bytes: ...
+
+    def read_text(self, encoding: str | None = ...) -> str: ...
+
+    def __fspath__(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)

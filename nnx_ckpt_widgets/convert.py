@@ -500,7 +500,8 @@ def _live_source(src: Any) -> _Source:
         leaves[path] = LeafInfo(path, path, shape, np.dtype(dtype).name, None, impl)
         values[path] = value
     name = f"<{type(src).__name__}>"
-    info = CheckpointInfo(path=name, item_dir=name, format=STATE_FORMAT, leaves=leaves)
+    # A live model has no path: its name stands in, shown as "<MLP>" wherever a path is.
+    info = CheckpointInfo(path=Path(name), item_dir=Path(name), format=STATE_FORMAT, leaves=leaves)
 
     def read(
         leaves: Sequence[LeafInfo], progress: Any
