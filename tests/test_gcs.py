@@ -277,7 +277,10 @@ with ocp.CheckpointManager({root!r}, options=options) as manager:
 
 # What a stopped server gives, either way without a hang: the watchdog's or a request's timeout,
 # or a refused connection.
-BOUNDED_OUTCOME = r"did not answer within \d+ s|the bucket cannot be reached|storage endpoint \S+ cannot be reached"
+BOUNDED_OUTCOME = (
+    r"did not answer within \d+ s|the bucket cannot be reached"
+    r"|storage endpoint \S+ cannot be reached"
+)
 
 
 def bounded(monkeypatch) -> list[float]:
