@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_the_last_good_step_is_found_not_assumed(run):
     data = json.loads(json.dumps(report.as_dict(), allow_nan=False))
     assert data["last_good"] == 20 and data["first_nan"] == 30 and data["first_bad"] == 25
     html = report._repr_html_()
-    rows = {r.split("<td>")[1].split("<")[0]: r for r in html.split("<tr")[2:]}
+    rows = {re.search(r"<td[^>]*>([^<]*)<", r).group(1): r for r in html.split("<tr")[2:]}
     assert "color:" in rows["25"] and "color:" in rows["30"]  # drawn in the error colour
     assert "color:" not in rows["20"]
 
