@@ -38,6 +38,15 @@ class MLP(nnx.Module):
         self.linear2 = nnx.Linear(dhidden, dout, param_dtype=dtype, rngs=rngs)
 
 
+class Wider(nnx.Module):
+    """The MLP plus one more layer: restoring an MLP checkpoint leaves ``extra`` missing."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.linear1 = nnx.Linear(3, 4, rngs=rngs)
+        self.linear2 = nnx.Linear(4, 2, rngs=rngs)
+        self.extra = nnx.Linear(2, 2, rngs=rngs)
+
+
 class RenamedMLP(nnx.Module):
     """MLP with its layers renamed: a checkpoint of MLP loads with rename={r"linear(\\d)": ...}."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, assert_same_arrays, make_mlp, save_checkpoint, snapshot
+from conftest import MLP, Wider, assert_same_arrays, make_mlp, save_checkpoint, snapshot
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,15 +23,6 @@ import nnx_ckpt_widgets as ncw
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 
 HERE = Path(__file__).parent
-
-
-class Wider(nnx.Module):
-    """The MLP plus a layer the checkpoint lacks: 2 missing keys."""
-
-    def __init__(self, *, rngs: nnx.Rngs):
-        self.linear1 = nnx.Linear(3, 4, rngs=rngs)
-        self.linear2 = nnx.Linear(4, 2, rngs=rngs)
-        self.extra = nnx.Linear(2, 2, rngs=rngs)
 
 
 class Narrower(nnx.Module):

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import traitlets
-from conftest import FAILING_READ, MLP, assert_same_arrays, save_checkpoint, snapshot
+from conftest import FAILING_READ, MLP, Wider, assert_same_arrays, save_checkpoint, snapshot
 from flax import nnx
 
 import nnx_ckpt_widgets as ncw
@@ -34,15 +34,6 @@ HOSTILE = {
     "k" * 10_000: np.ones(1, np.float32),
     "ключ-中文-🙂": np.ones(1, np.float32),
 }
-
-
-class Wider(nnx.Module):
-    """MLP plus one more layer: restoring an MLP checkpoint leaves ``extra`` missing."""
-
-    def __init__(self, *, rngs: nnx.Rngs):
-        self.linear1 = nnx.Linear(3, 4, rngs=rngs)
-        self.linear2 = nnx.Linear(4, 2, rngs=rngs)
-        self.extra = nnx.Linear(2, 2, rngs=rngs)
 
 
 class Big(nnx.Module):

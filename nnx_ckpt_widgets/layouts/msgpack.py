@@ -42,6 +42,7 @@ from nnx_ckpt_widgets.errors import (
 )
 from nnx_ckpt_widgets.layouts import _steps
 from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StepInfo, StoredLeaf
+from nnx_ckpt_widgets.layouts.safetensors import index_shards
 
 SUFFIX = ".msgpack"
 HF_WEIGHTS = "flax_model.msgpack"
@@ -449,7 +450,7 @@ class MsgpackLayout:
         folder = listing.path
         if HF_INDEX in listing.files:
             _steps.no_step_here(folder, step)
-            shards = _index_shards(listing)
+            shards = index_shards(listing, HF_INDEX, kind="Msgpack")
             kind = f"Hugging Face Flax weights ({len(shards)} shards)"
             return self._files(folder, folder, [folder / s for s in shards], kind)
         if HF_WEIGHTS in listing.files:
@@ -550,31 +551,6 @@ def index_of(location: Location) -> Index:
 
 def leaves_of(entries: Sequence[Entry]) -> list[StoredLeaf]:
     return [StoredLeaf(e.path, e.shape, e.dtype, None) for e in entries]
-
-
-def _index_shards(listing: Listing) -> list[str]:
-    """The shard files ``flax_model.msgpack.index.json`` names, each checked to be here."""
-    file = listing.path / HF_INDEX
-    index = _storage.read_json(file, "msgpack index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CorruptCheckpointError(
-            f"Msgpack index {file} is damaged: it has no weight_map of file names; download or "
-            "save it again."
-        )
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CorruptCheckpointError(
-                f"Msgpack index {file} is damaged: it names {clip(shard, 60)!r}, which is not a "
-                "file beside it; download or save it again."
-            )
-        if shard not in listing.files:
-            raise CorruptCheckpointError(
-                f"Msgpack index {file} names the shard {clip(shard, 60)!r}, which is missing "
-                "from the folder; download the missing shard."
-            )
-    return shards
 
 
 def read_entries(

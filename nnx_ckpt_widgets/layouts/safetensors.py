@@ -202,26 +202,33 @@ def _check_overlaps(file: AnyPath, tensors: list[Tensor]) -> None:
         raise _damaged(file, f"tensors {clip(first, 60)!r} and {clip(second, 60)!r} overlap")
 
 
-def _index_shards(listing: Listing, index_name: str) -> list[str]:
-    """The shard files an index names, each checked to be in the folder."""
+def index_shards(listing: Listing, index_name: str, kind: str = "Safetensors") -> list[str]:
+    """The shard files a Hugging Face index (``model.safetensors.index.json``,
+    ``flax_model.msgpack.index.json``) names in its ``weight_map``, each checked to be a file
+    in the folder.
+
+    Raises:
+      CorruptCheckpointError: the index has no weight map of names, or names a path outside
+        the folder or a shard that is missing.
+    """
     file = listing.path / index_name
-    index = _storage.read_json(file, "safetensors index")
+    index = _storage.read_json(file, f"{kind.lower()} index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(
-            f"Safetensors index {file} is damaged: it has no weight_map of file names; "
+            f"{kind} index {file} is damaged: it has no weight_map of file names; "
             "download or save it again."
         )
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
             raise CorruptCheckpointError(
-                f"Safetensors index {file} is damaged: it names {clip(shard, 60)!r}, which is "
+                f"{kind} index {file} is damaged: it names {clip(shard, 60)!r}, which is "
                 "not a file beside it; download or save it again."
             )
         if shard not in listing.files:
             raise CorruptCheckpointError(
-                f"Safetensors index {file} names the shard {clip(shard, 60)!r}, which is "
+                f"{kind} index {file} names the shard {clip(shard, 60)!r}, which is "
                 "missing from the folder; download the missing shard."
             )
     return shards
@@ -251,7 +258,7 @@ class SafetensorsLayout:
                     "pass the folder of one model, or one .safetensors file."
                 )
             if indexes:
-                names = _index_shards(listing, indexes[0])
+                names = index_shards(listing, indexes[0])
             else:
                 names = sorted(f for f in listing.files if f.endswith(SUFFIX))
                 if len(names) > 1:
