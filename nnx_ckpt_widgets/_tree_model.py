@@ -77,17 +77,22 @@ class TreeModel:
         return self.info.leaves[node.path]
 
     def stats(self, node: TreeNode) -> tuple[int, int]:
-        """``(params, bytes)`` of the node, over every folded subtree."""
+        """``(params, bytes)`` of the node, over every folded subtree; RNG state (keys and
+        their counters) is counted in the bytes, never as parameters."""
         if self.is_leaf(node):
             leaf = self.leaf(node)
-            return leaf.size * node.count, leaf.nbytes * node.count
+            params = 0 if node.path in self.info.rng_paths else leaf.size
+            return params * node.count, leaf.nbytes * node.count
         params, nbytes = self.info.totals[node.path]
+        params -= self.info.rng_totals.get(node.path, 0)
         return params * node.count, nbytes * node.count
 
     def describe(self, node: TreeNode) -> str:
         """Shape, dtype, params and bytes as one line of text (checkpoint strings unescaped)."""
         params, nbytes = self.stats(node)
         sizes = f"{_text.plural(params, 'param')}, {_text.human_bytes(nbytes)}"
+        if self.is_leaf(node) and node.path in self.info.rng_paths:
+            sizes = f"RNG state, {_text.human_bytes(nbytes)}"
         if self.is_leaf(node):
             leaf = self.leaf(node)
             times = f"{node.count:,} × " if node.count > 1 else ""

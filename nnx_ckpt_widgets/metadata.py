@@ -130,6 +130,28 @@ class CheckpointInfo:
         return self.totals[()][1]
 
     @cached_property
+    def rng_paths(self) -> frozenset[KeyPath]:
+        """The arrays that are RNG state, not parameters: typed PRNG keys (Orbax records their
+        ``key_impl``) and the ``count`` saved beside each, as an ``nnx.Rngs`` stream has."""
+        streams = {leaf.path[:-1] for leaf in self.leaves.values() if leaf.key_impl is not None}
+        return frozenset(
+            path
+            for path, leaf in self.leaves.items()
+            if leaf.key_impl is not None or (path[:-1] in streams and path[-1:] == ("count",))
+        )
+
+    @cached_property
+    def rng_totals(self) -> dict[KeyPath, int]:
+        """Elements of RNG state under every subtree that holds some (see :attr:`rng_paths`),
+        so counts of parameters can leave them out."""
+        totals: dict[KeyPath, int] = {}
+        for path in self.rng_paths:
+            size = self.leaves[path].size
+            for depth in range(len(path)):
+                totals[path[:depth]] = totals.get(path[:depth], 0) + size
+        return totals
+
+    @cached_property
     def totals(self) -> dict[KeyPath, tuple[int, int]]:
         """``(num_params, nbytes)`` of every subtree, keyed by its path; ``()`` is the root."""
         totals: dict[KeyPath, list[int]] = {(): [0, 0]}

@@ -188,16 +188,9 @@ def info_notes(info: CheckpointInfo) -> list[str]:
 
 def info_summary(info: CheckpointInfo) -> str:
     """``Orbax v1 checkpoint, nnx.State: 4 arrays, 26 params, 104 B``."""
-    # RNG state is no parameter: an nnx.Rngs stream saves a typed key (Orbax records its
-    # key_impl) beside a uint32 `count`; count both apart.
-    keys = {leaf.path[:-1] for leaf in info.leaves.values() if leaf.key_impl is not None}
-    rng = [
-        leaf
-        for leaf in info.leaves.values()
-        if leaf.key_impl is not None or (leaf.path[:-1] in keys and leaf.path[-1] == "count")
-    ]
-    params = info.num_params - sum(leaf.size for leaf in rng)
-    sizes = sizes_text(len(info.leaves), params, info.nbytes, rng=len(rng))
+    # RNG state is no parameter: counted apart (see CheckpointInfo.rng_paths).
+    params = info.num_params - info.rng_totals.get((), 0)
+    sizes = sizes_text(len(info.leaves), params, info.nbytes, rng=len(info.rng_paths))
     kind = f"{info.layout}, " if info.layout else ""
     return f"{kind}{info.format}: {sizes}"
 
@@ -246,6 +239,7 @@ def _tree_html(info, prefix: KeyPath, children, max_children: int, depth: int) -
             )
             continue
         params, nbytes = info.totals[path]
+        params -= info.rng_totals.get(path, 0)  # RNG state is no parameter
         open_attr = " open" if depth < 1 else ""
         inner = _tree_html(info, path, children, max_children, depth + 1)
         items.append(

@@ -507,3 +507,16 @@ def test_rng_state_is_not_counted_as_params(tmp_path):
     keys = [leaf.name for leaf in info.leaves.values() if leaf.key_impl is not None]
     assert keys == ["dropout/rngs/key"]  # beside it, its uint32 counter dropout/rngs/count
     assert f"{len(info.leaves)} arrays, 9 params (+ 2 arrays of RNG state), " in str(info)
+    # The browser's tree and the HTML tree count them apart too.
+    from nnx_ckpt_widgets._tree_model import TreeModel
+    from nnx_ckpt_widgets.render import info_html
+
+    assert info.rng_paths == {("dropout", "rngs", "key"), ("dropout", "rngs", "count")}
+    model = TreeModel(info)
+    root = model.root
+    assert model.stats(root)[0] == 9
+    dropout = next(n for n in model.children(root) if n.path == ("dropout",))
+    assert model.describe(dropout).startswith("0 params, ")
+    rngs = model.children(dropout)[0]
+    assert all("  RNG state, " in model.describe(n) for n in model.children(rngs))
+    assert "9 params" in info_html(info) and "0 params" in info_html(info)
