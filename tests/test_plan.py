@@ -308,3 +308,38 @@ def test_two_threads_restoring_one_model_give_all_of_one(tmp_path):
         assert not errors
         values = {float(np.asarray(w[...])[0]) for w in model.ws}
         assert values in ({1.0}, {2.0}), values
+
+
+def _distinct_combos() -> list[tuple]:
+    """Every (target kind, abstract, options) the panel can show: its strict mode is one set of
+    options (the lenient controls are disabled there), lenient is each of 8."""
+    lenient = [
+        {"strict": False, "missing": m, "unexpected": u, "cast": c}
+        for m in ("keep", "zeros")
+        for u in ("ignore", "error")
+        for c in (False, True)
+    ]
+    strict = [{"strict": True, "missing": "keep", "unexpected": "ignore", "cast": False}]
+    return [(k, a, o) for k in TARGETS for a in (False, True) for o in strict + lenient]
+
+
+def test_panel_and_restore_agree_on_every_combination(mlp_ckpt):
+    """The exhaustive companion of the property test above: all 108 combinations."""
+    info = ncw.inspect(mlp_ckpt)
+    combos = _distinct_combos()
+    assert len(combos) == 108
+    for kind, abstract, options in combos:
+        factory = TARGETS[kind]
+        panel = RestorePanel(info, nnx.eval_shape(factory) if abstract else factory())
+        panel.mode.value = options["strict"]
+        if not options["strict"]:
+            panel.missing.value, panel.unexpected.value = options["missing"], options["unexpected"]
+            panel.cast.value = options["cast"]
+        assert panel.options() == options
+        target = nnx.eval_shape(factory) if abstract else factory()
+        try:
+            ncw.restore(mlp_ckpt, target, **options)
+        except ncw.CheckpointMismatchError:
+            assert panel.phase == "warn", (kind, abstract, options, panel.status)
+        else:
+            assert panel.phase == "ready", (kind, abstract, options, panel.status)
