@@ -470,3 +470,51 @@ def test_convert_stacks_a_live_per_layer_model_into_orbax(tmp_path):
     scanned = Scanned(nnx.Rngs(3))
     ncw.restore(tmp_path / "scanned", scanned)
     assert_layers_equal(per_layer, scanned)
+
+
+# --- a peer check on a real model's weights ---------------------------------------------------
+
+HF_BERT = Path(__file__).parent / "data" / "hf_flax"
+BERT_LAYERS = {r"^encoder/layer/(\d+/)": 0}
+
+
+def _bert_expected() -> dict[str, np.ndarray]:
+    """The tiny FlaxBertModel's weights as transformers' own from_pretrained read them."""
+    return {
+        p.stem.replace(".", "/"): np.load(p) for p in sorted((HF_BERT / "expected").glob("*.npy"))
+    }
+
+
+def _state_of(arrays: dict[str, np.ndarray]) -> nnx.State:
+    """An nnx.State of zero Params shaped like ``arrays`` (keys ``a/b/c``)."""
+    nested: dict = {}
+    for key, value in arrays.items():
+        *heads, last = key.split("/")
+        node = nested
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[last] = nnx.Param(jnp.zeros(value.shape, value.dtype))
+    return nnx.State(nested)
+
+
+def test_bert_per_layer_weights_stacked_and_unstacked_are_bit_identical(tmp_path):
+    """transformers' FlaxBertModel (per-layer encoder/layer/<i>/...): stacked into a scanned
+    Orbax checkpoint by convert, then loaded back per layer with unstack=: every weight is
+    the one transformers itself loads, bit for bit."""
+    expected = _bert_expected()
+    layers = sorted({k.split("/")[2] for k in expected if k.startswith("encoder/layer/")})
+    assert layers == ["0", "1"]
+    scanned = tmp_path / "scanned"
+    ncw.convert(HF_BERT / "single", scanned, to="orbax", stack=BERT_LAYERS)
+    stacked = {leaf.name: leaf.shape for leaf in ncw.inspect(scanned)}
+    assert "encoder/layer/attention/self/query/kernel" in stacked
+    assert stacked["encoder/layer/attention/self/query/kernel"][0] == len(layers)
+    # The scanned checkpoint into a per-layer target, through compare's suggestion.
+    target = _state_of(expected)
+    report = ncw.compare(scanned, target)
+    assert report.suggestion is not None and "unstack" in report.suggestion.kwargs
+    ncw.restore(scanned, target, **report.suggestion.kwargs)
+    got = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(target)}
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        assert got[key].dtype == want.dtype and got[key].tobytes() == want.tobytes(), key
