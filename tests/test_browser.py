@@ -162,6 +162,11 @@ with ocp.StandardCheckpointer() as checkpointer:
 big = Big(0.0)
 """,
     """
+# The bar shows from the first tick: this test is about the bar, and a fast machine restores
+# this 1 GiB (zstd makes constant arrays tiny) in about PROGRESS_AFTER.
+import nnx_ckpt_widgets._display as _display
+
+_display.PROGRESS_AFTER = 0.0
 browser = ncw.CheckpointBrowser(Path("big").resolve(), big)
 browser
 """,
@@ -979,7 +984,7 @@ def test_long_restore_shows_progress(server, browser_page):
     assert all(parsed), seen
     done = [m.group(1) for m in parsed]
     elapsed = [float(m.group(2)) for m in parsed]
-    assert elapsed == sorted(elapsed) and elapsed[-1] >= 1.0, seen
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0, seen
     # The bytes read move while it runs: some batch between none and all was shown.
     assert any(d not in ("0 B", "1.0 GiB") for d in done), seen
 
