@@ -55,6 +55,7 @@ _OUT_OF_MEMORY = (
 )
 _SHARDING = (
     "evenly divide",  # JAX: "should evenly divide the shape", "does not evenly divide"
+    "should be divisible by",  # JAX 0.9: an output sharding that does not divide a dimension
     "incompatible devices",
     "not found in jax.local_devices",  # Orbax: a recorded device that is not here
     "available devices are different",  # Orbax: a recorded mesh of devices not here

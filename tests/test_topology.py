@@ -156,6 +156,23 @@ def tpu_sharding(name: str, ndim: int) -> dict[str, Any]:
     }
 
 
+def annotations_shard(mesh: Any) -> bool:
+    """Whether this Flax places ``nnx.with_partitioning`` annotations on the mesh set with
+    ``jax.set_mesh``, concretely and under ``nnx.eval_shape``: Flax 0.12.8 does; at the floor
+    (Flax 0.12.2) the arrays come out replicated, so the tests that restore onto annotated
+    targets have nothing to check there."""
+    from jax.sharding import PartitionSpec
+
+    with jax.set_mesh(mesh):
+        concrete = arrays(Net(nnx.Rngs(0), AXES))["a/kernel"].sharding
+        abstract = arrays(nnx.eval_shape(lambda: Net(nnx.Rngs(0), AXES)))["a/kernel"].sharding
+    want = PartitionSpec("d", None)
+    return getattr(concrete, "spec", None) == want and getattr(abstract, "spec", None) == want
+
+
+ANNOTATIONS = "this Flax does not shard with_partitioning annotations under jax.set_mesh"
+
+
 def run_child(function: str, root: Path, devices: int) -> dict[str, Any]:
     """Run ``function(root)`` of this module in a fresh JAX process with ``devices`` CPU
     devices; returns the JSON it wrote."""
@@ -227,7 +244,8 @@ def eight_devices(root: Path) -> None:
         "shardings": {
             k: f"{len(s.device_set)} {getattr(s, 'spec', type(s).__name__)}"
             for k, s in reference.items()
-        }
+        },
+        "annotations shard": annotations_shard(mesh),
     }
     for source in ("one_v0", "one.safetensors", "tpu"):
         path = root / source
@@ -257,8 +275,17 @@ def eight_devices(root: Path) -> None:
     # Targets that cannot fit: an array of 12 rows split over 8 devices. An explicit mesh
     # refuses to even build such a model; an Auto mesh builds it abstractly.
     auto = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    try:  # older Flax (0.12.2) shards each value as it builds it, even abstractly: no model
+        nnx.get_abstract_model(lambda: Net(nnx.Rngs(1), AXES, din=12), auto)
+    except ValueError as err:
+        unbuildable = {"error": "unbuildable", "message": str(err).splitlines()[0]}
+    else:
+        unbuildable = None
     for source in ("odd_v0", "odd.safetensors"):
         path = root / source
+        if unbuildable is not None:
+            found[f"load uneven {source}"] = found[f"restore uneven {source}"] = unbuildable
+            continue
         with jax.set_mesh(auto):
             found[f"load uneven {source}"] = outcome(
                 lambda path=path: ncw.load(path, lambda: Net(nnx.Rngs(1), AXES, din=12))
@@ -333,6 +360,8 @@ def test_restore_load_and_stats_on_one_device(saved, source):
     ncw.restore(path, plain)
     assert_exact(expected, plain, shardings)
     mesh = jax.make_mesh((1,), ("d",))
+    if not annotations_shard(mesh):
+        pytest.skip(ANNOTATIONS)
     with jax.set_mesh(mesh):
         annotated = Net(nnx.Rngs(1), AXES)
         shardings = {k: v.sharding for k, v in arrays(annotated).items()}
@@ -361,11 +390,15 @@ def test_recorded_devices_are_shown_as_recorded(saved):
 @pytest.mark.parametrize("how", ["restore", "restore abstract", "load", "stats"])
 def test_restore_onto_eight_devices(saved, how, source):
     _, found = saved
+    if how in ("restore abstract", "load") and not found["annotations shard"]:
+        pytest.skip(ANNOTATIONS)
     assert found[f"{how} {source}"] == {"error": None}
 
 
 def test_eight_device_targets_were_sharded(saved):
     _, found = saved
+    if not found["annotations shard"]:
+        pytest.skip(ANNOTATIONS)
     assert found["shardings"] == {
         "a/bias": "8 P(None,)",
         "a/kernel": "8 P('d', None)",
@@ -379,6 +412,8 @@ def test_eight_device_targets_were_sharded(saved):
 def test_uneven_sharding_is_a_mismatch_not_damage(saved, how, source):
     root, found = saved
     seen = found[f"{how} uneven {source}"]
+    if seen["error"] == "unbuildable":
+        pytest.skip(f"this Flax cannot build the model abstractly: {seen['message'][:120]}")
     assert seen["error"] == "ShardingMismatchError", seen
     message = seen["message"]
     assert message.startswith(f"Checkpoint at {root / source}: the target's a")
@@ -391,6 +426,8 @@ def test_load_paths_under_a_mesh(saved, how):
     """Zero-fills and transforms under an 8-device mesh: once a raw ValueError and a
     TransformError about incompatible devices."""
     _, found = saved
+    if not found["annotations shard"]:
+        pytest.skip(ANNOTATIONS)
     assert found[f"{how} under a mesh"] == {"error": None}
 
 
