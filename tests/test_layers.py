@@ -518,3 +518,19 @@ def test_bert_per_layer_weights_stacked_and_unstacked_are_bit_identical(tmp_path
     assert got.keys() == expected.keys()
     for key, want in expected.items():
         assert got[key].dtype == want.dtype and got[key].tobytes() == want.tobytes(), key
+
+
+def test_a_layer_index_that_is_no_integer_is_refused_naming_the_key(tmp_path):
+    """A capture group that catches a name rather than a number (``layers/(\\w+/)``)."""
+    path = save_checkpoint(
+        tmp_path / "named", {"layers": {"first": {"w": np.zeros(2, np.float32)}}}
+    )
+    target = Holder({"w": np.zeros((1, 2), np.float32)})
+    target.layers = Holder({"w": np.zeros((1, 2), np.float32)})
+    del target.w
+    report = ncw.compare(path, target, stack={r"^layers/(\w+/)": 0})
+    assert report.layer_problems == (
+        "stack into 'layers/w': 'layers/first/w' has no integer layer",
+    )
+    with pytest.raises(ncw.CheckpointMismatchError, match="'layers/first/w' has no integer layer"):
+        ncw.restore(path, target, stack={r"^layers/(\w+/)": 0}, strict=False)
