@@ -436,6 +436,22 @@ def preview_keys(paths: list[str], limit: int = 3) -> str:
     return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
 
 
+def state_of(value: Any, refusal: str) -> Any:
+    """The ``nnx.State`` of a model or another NNX graph node, or an ``nnx.State`` itself.
+
+    Raises:
+      InvalidArgumentError: ``refusal``, its ``{}`` filled with the type's name, for anything
+        else.
+    """
+    from flax import nnx
+
+    if isinstance(value, nnx.State):
+        return value
+    if nnx.graph.is_graph_node(value):
+        return nnx.state(value)
+    raise InvalidArgumentError(refusal.format(type(value).__name__))
+
+
 def flatten_target(target: Any) -> list[TargetLeaf]:
     """The arrays of a model, any NNX graph node or an ``nnx.State``, concrete or abstract.
 
@@ -446,15 +462,11 @@ def flatten_target(target: Any) -> list[TargetLeaf]:
     import numpy as np
     from flax import nnx
 
-    if isinstance(target, nnx.State):
-        state = target
-    elif nnx.graph.is_graph_node(target):
-        state = nnx.state(target)
-    else:
-        raise InvalidArgumentError(
-            f"Cannot compare a checkpoint with a {type(target).__name__}: pass an NNX model, "
-            "another NNX graph node such as nnx.Optimizer, or an nnx.State."
-        )
+    state = state_of(
+        target,
+        "Cannot compare a checkpoint with a {}: pass an NNX model, another NNX graph node "
+        "such as nnx.Optimizer, or an nnx.State.",
+    )
     leaves = []
     for raw_path, variable in nnx.to_flat_state(state):
         value = variable.get_value() if isinstance(variable, nnx.Variable) else variable

@@ -28,7 +28,13 @@ from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._layers import LayerSource
 from nnx_ckpt_widgets._text import clip, human_bytes, plural
 from nnx_ckpt_widgets._values import ProgressArg, iter_arrays, progress_callback, select_leaves
-from nnx_ckpt_widgets.compare import LoadReport, Transform, build_report, run_transforms
+from nnx_ckpt_widgets.compare import (
+    LoadReport,
+    Transform,
+    build_report,
+    run_transforms,
+    state_of,
+)
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -467,15 +473,11 @@ def _live_source(src: Any) -> _Source:
     import numpy as np
     from flax import nnx
 
-    if isinstance(src, nnx.State):
-        state = src
-    elif nnx.graph.is_graph_node(src):
-        state = nnx.state(src)
-    else:
-        raise InvalidArgumentError(
-            f"Cannot convert a {type(src).__name__}: pass a checkpoint path, an NNX model (or "
-            "another graph node) or an nnx.State."
-        )
+    state = state_of(
+        src,
+        "Cannot convert a {}: pass a checkpoint path, an NNX model (or another graph node) or "
+        "an nnx.State.",
+    )
     leaves: dict[KeyPath, LeafInfo] = {}
     values: dict[KeyPath, Any] = {}
     not_arrays = []

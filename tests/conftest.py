@@ -261,6 +261,34 @@ def assert_same_arrays(expected: Any, actual: Any) -> None:
             raise AssertionError(f"{path}: equal values, different bits")
 
 
+def assert_refused_cheaply(path: Path, model: Any, words: str) -> None:
+    """A hostile file gets a one-line ``CorruptCheckpointError`` naming it (with ``words``) from
+    inspect, compare and restore, before any large allocation (under 8 MiB traced), and
+    ``model`` is unchanged."""
+    import tracemalloc
+
+    import nnx_ckpt_widgets as ncw
+
+    before = snapshot(model)
+    tracemalloc.start()
+    try:
+        for call in (
+            lambda: ncw.inspect(path),
+            lambda: ncw.compare(path, model),
+            lambda: ncw.restore(path, model),
+        ):
+            with pytest.raises(ncw.CorruptCheckpointError) as raised:
+                call()
+            message = str(raised.value)
+            assert str(path) in message and words in message, message
+            assert "\n" not in message
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes allocated for a tiny hostile file"
+    assert_same_arrays(before, model)
+
+
 # --- session checkpoints (read-only) --------------------------------------------------------
 
 
