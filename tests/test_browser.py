@@ -777,12 +777,9 @@ def _phase(page, phase: str, timeout: int = 60_000) -> None:
 
 def _set_theme(page, theme: str) -> None:
     if theme == "dark":
-        page.evaluate(
-            "() => window.jupyterapp.commands.execute('apputils:change-theme', "
-            "{theme: 'JupyterLab Dark'})"
-        )
-        page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'")
-        page.wait_for_timeout(300)  # the theme's stylesheet is applied after the attribute
+        # Wait on the page's colours, not a pause: the stylesheet lands after the attribute,
+        # and a screenshot taken before it shows a "dark" widget on a light page.
+        _theme(page, "dark")
 
 
 STORIES = [
