@@ -39,7 +39,11 @@ _SEEN: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def one_look() -> Iterator[None]:
     """Within the block, each small file is read once (the checkpoint is taken as it was when
-    first read); what fails to read is not remembered."""
+    first read); what fails to read is not remembered. Nested blocks share the outer one's
+    files."""
+    if _SEEN.get() is not None:
+        yield
+        return
     token = _SEEN.set({})
     try:
         yield

@@ -258,7 +258,9 @@ def inspect(
       CheckpointError: a subclass naming the path and the problem, e.g.
         ``CheckpointNotFoundError`` or ``CorruptCheckpointError``.
     """
-    with _storage.spelled_as_given(path):
+    # One look at the checkpoint: a small file that locating it read (the default step's
+    # _METADATA, checked to be intact) is not fetched again to read its leaves.
+    with _storage.spelled_as_given(path), _storage.one_look():
         location = locate(path, step=step, item=item)
         with no_gc():  # a million LeafInfo objects and no cycles: see _untrusted.no_gc
             return info_from_location(location)
