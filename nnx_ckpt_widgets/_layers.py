@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from nnx_ckpt_widgets import _keypaths
@@ -50,6 +50,15 @@ class LayerSource:
     parts: tuple[LeafInfo, ...]
     index: int | None = None
     stacked: str = ""
+
+    def combine(self, parts: Sequence[Any]) -> Any:
+        """This key's array from the host arrays of :attr:`parts`, in their order: layer
+        ``index`` of the stacked array (a copy), or the layers stacked at ``axis``."""
+        import numpy as np
+
+        if self.kind == "unstack":
+            return np.take(np.asarray(parts[0]), self.index or 0, axis=self.axis)
+        return np.stack([np.asarray(p) for p in parts], axis=self.axis)
 
     @property
     def text(self) -> str:

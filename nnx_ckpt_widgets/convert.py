@@ -785,12 +785,7 @@ def _arrays(
                 if not left[(p.stored_path, p.path)]:
                     del held[(p.stored_path, p.path)]
             layers = key.layers
-            if layers is None:
-                array = got[0]
-            elif layers.kind == "unstack":
-                array = np.take(got[0], layers.index or 0, axis=layers.axis)
-            else:
-                array = np.stack(got, axis=layers.axis)
+            array = got[0] if layers is None else layers.combine(got)
             if key.transforms:
                 name = _keypaths.join(key.out_path)
                 value = run_transforms(

@@ -585,7 +585,6 @@ def _read_layered(
     stacked as soon as they arrive (``stack``). Reads go in batches of about ``batch_bytes``
     of stored arrays, so host memory holds one batch besides the values already made.
     """
-    import numpy as np
 
     location = info.located()
     # Group the entries by the stored arrays they need: all layers of one stacked array
@@ -619,11 +618,7 @@ def _read_layered(
             for i in members:
                 entry, layers = entries[i], entries[i].layers
                 assert layers is not None
-                parts = [np.asarray(read[leaf.stored_path]) for leaf in layers.parts]
-                if layers.kind == "unstack":
-                    value = np.take(parts[0], layers.index or 0, axis=layers.axis)
-                else:
-                    value = np.stack(parts, axis=layers.axis)
+                value = layers.combine([read[leaf.stored_path] for leaf in layers.parts])
                 values[i] = _placed(info, entry, targets[entry.path], value)
         del read
         done += sum(leaf.nbytes for leaf in leaves.values())
