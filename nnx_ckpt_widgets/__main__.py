@@ -140,7 +140,9 @@ def _key_arguments(sub: argparse.ArgumentParser) -> None:
 
 def _convert_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "dst", help="the folder to write (or a file ending in .safetensors); it must not exist"
+        "dst",
+        help="the folder to write, local or gs:// (or a file ending in .safetensors); it must "
+        "not exist",
     )
     sub.add_argument(
         "--to",

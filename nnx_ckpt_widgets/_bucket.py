@@ -14,6 +14,7 @@ hang. ``NNX_CKPT_GCS_TIMEOUT`` (seconds, default 60) sets the bound.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -54,8 +55,9 @@ def is_bucket(path: Any) -> bool:
     return str(path).startswith(SCHEME)
 
 
-def as_path(text: str) -> Any:
-    """The ``etils.epath.Path`` of a ``gs://`` URL.
+def as_path(text: str, verb: str = "read") -> Any:
+    """The ``etils.epath.Path`` of a ``gs://`` URL (``verb``: what the caller will do, for the
+    errors).
 
     Raises:
       StorageError: gcsfs, which etils.epath needs for ``gs://``, is not installed.
@@ -64,14 +66,14 @@ def as_path(text: str) -> Any:
         import gcsfs  # noqa: F401
     except ImportError as err:
         raise StorageError(
-            f"Cannot read {text}: reading gs:// buckets needs gcsfs, which is not installed; "
+            f"Cannot {verb} {text}: gs:// buckets need gcsfs, which is not installed; "
             f"install it with {EXTRA}."
         ) from err
     from etils import epath
 
     if not text[len(SCHEME) :].strip("/"):
         raise InvalidArgumentError(
-            f"Cannot read {text}: the URL names no bucket; pass gs://BUCKET/PATH."
+            f"Cannot {verb} {text}: the URL names no bucket; pass gs://BUCKET/PATH."
         )
     return epath.Path(text.rstrip("/"))
 
@@ -92,9 +94,10 @@ def _key(path: Any) -> str:
     return str(path)[len(SCHEME) :].rstrip("/")
 
 
-def error(path: Any, err: BaseException) -> StorageError | None:
+def error(path: Any, err: BaseException, verb: str = "read") -> StorageError | None:
     """A :class:`StorageError` naming ``path`` when ``err`` (or what it chains) is a transport
-    failure rather than a damaged or missing file; None otherwise."""
+    failure rather than a damaged or missing file; None otherwise. ``verb`` says what failed
+    (``read``, or ``write`` for convert's output)."""
     import asyncio
 
     chain: list[BaseException] = []
@@ -110,18 +113,18 @@ def error(path: Any, err: BaseException) -> StorageError | None:
             "FSTimeoutError",
         ):
             return StorageError(
-                f"Cannot read {path}: the bucket did not answer within {seconds} s; check the "
+                f"Cannot {verb} {path}: the bucket did not answer within {seconds} s; check the "
                 f"network and the bucket (set {TIMEOUT_ENV} to wait longer)."
             )
         text = str(inner)
         if getattr(inner, "code", None) in (401, 403) or any(m in text for m in _DENIED_MARKERS):
             return StorageError(
-                f"Cannot read {path}: access denied ({first_line(inner, 120)}); sign in with "
+                f"Cannot {verb} {path}: access denied ({first_line(inner, 120)}); sign in with "
                 "`gcloud auth application-default login` or check the bucket's permissions."
             )
         if any(marker in text for marker in _TRANSPORT_MARKERS) or _is_connection_error(inner):
             return StorageError(
-                f"Cannot read {path}: the bucket cannot be reached ({first_line(inner, 160)}); "
+                f"Cannot {verb} {path}: the bucket cannot be reached ({first_line(inner, 160)}); "
                 "check the network, or that the storage emulator is running."
             )
     return None
@@ -160,7 +163,7 @@ def forget_endpoints() -> None:
     _REACHED.clear()
 
 
-def _check_reachable(path: Any) -> None:
+def check_reachable(path: Any, verb: str = "read") -> None:
     """Fail at once when the storage endpoint refuses connections or its name does not resolve.
 
     gcsfs retries such a request six times with backoff, about 33 s, before it gives up (a
@@ -178,7 +181,7 @@ def _check_reachable(path: Any) -> None:
         socket.create_connection((host, port), timeout=min(timeout(), 5.0)).close()
     except (ConnectionRefusedError, socket.gaierror) as err:
         raise StorageError(
-            f"Cannot read {path}: the storage endpoint {host}:{port} cannot be reached "
+            f"Cannot {verb} {path}: the storage endpoint {host}:{port} cannot be reached "
             f"({err.strerror or err}); check the network, or that the storage emulator is running."
         ) from err
     except OSError:
@@ -186,15 +189,15 @@ def _check_reachable(path: Any) -> None:
     _REACHED[(host, port)] = time.monotonic()
 
 
-def _call(path: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def _call(path: Any, fn: Callable[..., T], *args: Any, verb: str = "read", **kwargs: Any) -> T:
     """A gcsfs call with the timeout; transport failures become :class:`StorageError`."""
-    _check_reachable(path)
+    check_reachable(path, verb)
     try:
         return fn(*args, timeout=timeout(), **kwargs)
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise (error(path, err) or err) from err
+        raise (error(path, err, verb) or err) from err
 
 
 def listdir(path: Any) -> tuple[frozenset[str], frozenset[str]] | None:
@@ -302,7 +305,7 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
     """
     import contextvars
 
-    _check_reachable(path)  # Orbax's own listings go through gcsfs and its 33 s of retries
+    check_reachable(path)  # Orbax's own listings go through gcsfs and its 33 s of retries
     outcome: list[Any] = []
     context = contextvars.copy_context()  # Orbax v1's Context (the layout to read) is one
 
@@ -329,3 +332,79 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
         if transport is not None:
             raise transport from value
     raise value
+
+
+# --- writes (convert's output only: its own staging prefix, then its own dst) --------------
+
+
+def objects(path: Any) -> list[str]:
+    """Every object at ``path``: ``""`` for an object of that very name, and the names under
+    ``path/`` relative to it (``a/b``), sorted; one listing without delimiter. An empty list
+    when nothing is there."""
+    fs = _fs()
+    key = _key(path)
+    found = _call(path, fs.find, key, verb="write")
+    names = []
+    for name in found:
+        name = str(name)
+        if name == key:
+            names.append("")
+        elif name.startswith(key + "/"):
+            names.append(name[len(key) + 1 :])
+    return sorted(names)
+
+
+def copy(src: Any, dst: Any) -> None:
+    """Copy one object inside the bucket service (a rewrite: the bytes never come here)."""
+    _call(dst, _fs().cp_file, _key(src), _key(dst), verb="write")
+
+
+def remove(paths: list[Any]) -> None:
+    """Delete objects, in the order given (what makes a checkpoint readable goes first)."""
+    fs = _fs()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # already gone: what was asked
+            _call(path, fs.rm_file, _key(path), verb="write")
+
+
+class Upload:
+    """A new object, streamed in parts: gcsfs's ``open(..., "wb")`` sends each 5 MiB block as
+    it fills (a resumable upload), and the object appears only when :meth:`close` finishes it.
+    :meth:`discard` ends the upload without an object, where a plain ``with fs.open(...)``
+    would finish it truncated (gcsfs closes, and so commits, a file left open, also when it is
+    garbage collected)."""
+
+    def __init__(self, path: Any):
+        self.path = path
+        self._file = _call(path, _fs().open, _key(path), "wb", verb="write")
+
+    def write(self, data: Any) -> int:
+        # A dead endpoint fails here at once rather than after gcsfs's retries of a block.
+        check_reachable(self.path, "write")
+        try:
+            return int(self._file.write(data))
+        except Exception as err:
+            raise (error(self.path, err, "write") or err) from err
+
+    def close(self) -> None:
+        check_reachable(self.path, "write")
+        try:
+            self._file.close()
+        except Exception as err:
+            raise (error(self.path, err, "write") or err) from err
+
+    def discard(self) -> None:
+        # Cancels an upload in parts (nothing was sent otherwise); an endpoint that is gone
+        # keeps nothing of an unfinished upload either.
+        with contextlib.suppress(Exception):
+            self._file.discard()
+        self._file.closed = True  # never finished later, on close or at garbage collection
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()

@@ -6,7 +6,9 @@ The plan is made first, from metadata only, with the functions ``compare`` uses
 writer: each shard's header comes from the plan, then the tensors' bytes in order, as arrays
 arrive from bounded batch reads (the layout's partial restore), so memory stays near the
 largest array plus two batches. Everything goes to a temporary folder beside ``dst``, which is
-renamed into place only when complete; a failure removes it. The source is only read.
+renamed into place only when complete; a failure removes it. In a bucket, which cannot rename,
+it goes to a hidden staging prefix that :mod:`nnx_ckpt_widgets._commit` copies into ``dst``
+when complete. The source is only read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets import _bucket, _commit, _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._layers import LayerSource
 from nnx_ckpt_widgets._text import clip, human_bytes, plural
@@ -254,10 +256,27 @@ def convert(
     complete; on any failure it is removed, so ``dst`` is either complete or absent. ``src``
     is only read.
 
+    A ``gs://`` bucket cannot rename: the output is written under a hidden staging prefix
+    beside ``dst`` (``.NAME.<random>.converting/``; safetensors streamed up in 5 MiB parts,
+    each object appearing only when finished), then committed: copied into ``dst`` inside the
+    bucket service, data first and the objects readers start from last (the index after the
+    shards; Orbax's ``_METADATA``, ``_CHECKPOINT_METADATA`` and ``commit_success.txt`` after its
+    data). With ``overwrite``, the old output stays until the new one is complete; the commit
+    moves its entry files aside first and deletes its other objects last. A failure, a bucket
+    that stops answering included, removes the staging prefix and anything committed. A
+    process killed during the copy (seconds: no bytes are sent again) can leave at ``dst``
+    some safetensors shards without their index, which :func:`inspect` and transformers'
+    ``from_pretrained`` refuse, though each shard is a complete file that ``safe_open`` opens
+    and a loader that globs ``*.safetensors`` when there is no index sees part of the model;
+    or part of an Orbax checkpoint, which Orbax refuses on a bucket until
+    ``commit_success.txt`` is there and :func:`inspect` reads only once all its data is there.
+    A process killed while writing leaves only its hidden staging prefix.
+
     Args:
       src: a checkpoint path on any layout ``inspect`` reads (local or ``gs://``), a live NNX
         model (or another graph node), or an ``nnx.State``.
-      dst: a local folder; or a file ending in ``.safetensors`` for one file whatever its size.
+      dst: a local folder or a ``gs://`` URL of one; or a file ending in ``.safetensors`` for
+        one file whatever its size.
       to: ``"safetensors"``, ``"orbax"`` (v0 ``StandardCheckpointer`` layout) or
         ``"orbax-v1"``; by default from ``dst``'s suffix (``.safetensors``), else refused.
       step, item: which step and item of ``src`` to read, as for :func:`inspect`.
@@ -294,7 +313,8 @@ def convert(
         empty array).
       TransformError: a ``transform`` function raised, or returned another shape or dtype
         than it gave on the array's shape.
-      StorageError: writing failed (a full disk, say); nothing was left at ``dst``.
+      StorageError: writing failed (a full disk, a bucket that stops answering); nothing was
+        left at ``dst``.
       CheckpointError: another subclass when ``src`` cannot be found or read.
     """
     fmt = _format(to, dst)
@@ -303,12 +323,7 @@ def convert(
     meta = _metadata(metadata, fmt)
     extras = _extra_files(extra_files)
     dst_text = os.fspath(dst)
-    if "://" in dst_text:
-        raise InvalidArgumentError(
-            f"convert writes to local folders only, got {dst_text!r}; convert to a local folder "
-            "and upload it (gsutil cp -r, or huggingface_hub.upload_folder)."
-        )
-    dst_path = Path(dst_text)
+    dst_path = _destination(dst_text)
     single = fmt == "safetensors" and dst_path.suffix == ".safetensors"
     if single and extras:
         raise InvalidArgumentError(
@@ -331,7 +346,8 @@ def convert(
             else:
                 _write_orbax(plan, source, out, callback)
             for extra in extras:
-                shutil.copyfile(extra, out / extra.name)
+                with extra.open("rb") as stream, _create(out / extra.name) as copy:
+                    shutil.copyfileobj(stream, copy)
     finally:
         close()
     return dataclasses.replace(plan, written=True)
@@ -686,7 +702,28 @@ def _preview(names: list[str], limit: int = 3) -> str:
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_destination(source: _Source, dst: Path, overwrite: bool) -> None:
+def _destination(text: str) -> Any:
+    """``dst`` as a path: a ``pathlib.Path``, or an ``etils.epath.Path`` for ``gs://``."""
+    if _bucket.is_bucket(text):
+        path = _bucket.as_path(text, "write")
+        if not _bucket.split(path)[1]:
+            raise InvalidArgumentError(
+                f"dst {text!r} is a whole bucket; convert writes into a folder of it: pass "
+                "gs://BUCKET/FOLDER."
+            )
+        return path
+    if "://" in text:
+        raise InvalidArgumentError(
+            f"convert writes to local folders and gs:// buckets only, got {text!r}; convert to "
+            "a local folder and upload it (e.g. huggingface_hub.upload_folder)."
+        )
+    return Path(text)
+
+
+def _check_destination(source: _Source, dst: Any, overwrite: bool) -> None:
+    if _bucket.is_bucket(dst):
+        _check_bucket_destination(source, dst, overwrite)
+        return
     target = dst.absolute()
     if source.path is not None:
         src = source.path
@@ -703,14 +740,37 @@ def _check_destination(source: _Source, dst: Path, overwrite: bool) -> None:
         )
 
 
+def _check_bucket_destination(source: _Source, dst: Any, overwrite: bool) -> None:
+    """As for a local ``dst``: no overlap with a source in a bucket, and ``dst`` (an object of
+    that name, or any object under ``dst/``) absent unless ``overwrite``."""
+    src = source.info.path if source.path is None else None
+    if src is not None and _bucket.is_bucket(src):
+        a, b = str(src).rstrip("/"), str(dst).rstrip("/")
+        if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            raise InvalidArgumentError(
+                f"dst {b!r} overlaps the source {a!r}; convert never writes into or over its "
+                "source: choose another destination."
+            )
+    if not overwrite and _commit.exists(dst):
+        raise InvalidArgumentError(
+            f"dst {str(dst)!r} exists; pass overwrite=True (--overwrite) to replace it, or choose "
+            "another destination."
+        )
+
+
 # --- writing ------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def _atomic(dst: Path, overwrite: bool) -> Iterator[Path]:
+def _atomic(dst: Any, overwrite: bool) -> Iterator[Any]:
     """A temporary folder beside ``dst`` to write into; renamed to ``dst`` when the block
     completes, removed when it fails (an interrupted process leaves only a hidden
-    ``.NAME.*.converting`` folder, never ``dst``)."""
+    ``.NAME.*.converting`` folder, never ``dst``). In a bucket, a hidden staging prefix
+    beside ``dst``, committed object by object (see :mod:`nnx_ckpt_widgets._commit`)."""
+    if _bucket.is_bucket(dst):
+        with _commit.staged(dst, overwrite) as staging:
+            yield staging
+        return
     target = dst.absolute()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -812,18 +872,27 @@ def _arrays(
         assert next(reader, None) is None, "every array read was used"
 
 
+def _create(path: Any) -> Any:
+    """A new file to write, as a context manager: a local file, or a bucket object streamed up
+    in parts that appears only when complete (and never, when the block fails)."""
+    if _bucket.is_bucket(path):
+        return _bucket.Upload(path)
+    return open(path, "wb")
+
+
 def _write_safetensors(
-    plan: ConvertPlan, source: _Source, out: Path, single: bool, progress: Any
+    plan: ConvertPlan, source: _Source, out: Any, single: bool, progress: Any
 ) -> None:
-    folder = out.parent if single else out
-    folder.mkdir(exist_ok=True)
+    if not _bucket.is_bucket(out):  # a bucket has no folders to make
+        folder = out.parent if single else out
+        folder.mkdir(exist_ok=True)
     by_key = {k.key: k for k in plan.keys}
     arrays = _arrays(plan, source, progress)
     with contextlib.closing(arrays):
         for file, names in plan.files.items():
             keys = [by_key[n] for n in names]
             path = out if single else out / file
-            with open(path, "wb") as stream:
+            with _create(path) as stream:
                 stream.write(safetensors_header(keys, plan.metadata))
                 for key in keys:
                     got, array = next(arrays)
@@ -837,7 +906,8 @@ def _write_safetensors(
             "metadata": {"total_size": plan.total_size},
             "weight_map": {k.key: k.file for k in plan.keys},
         }
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        with _create(out / INDEX_FILE) as stream:
+            stream.write((json.dumps(index, indent=2) + "\n").encode())
 
 
 def safetensors_header(keys: Sequence[ConvertedKey], metadata: Mapping[str, Any] | None) -> bytes:
@@ -870,7 +940,7 @@ def write_array(stream: Any, array: Any) -> None:
     stream.write(flat.data)
 
 
-def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -> None:
+def _write_orbax(plan: ConvertPlan, source: _Source, out: Any, progress: Any) -> None:
     import jax
     import orbax.checkpoint as ocp
 
@@ -890,6 +960,9 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -
             value = jax.random.wrap_key_data(value, impl=impl)
         node[key.out_path[-1]] = value
     meta = dict(plan.metadata) if plan.metadata is not None else None
+    if _bucket.is_bucket(out):
+        # Orbax's first request goes through gcsfs, which retries a dead endpoint for 33 s.
+        _bucket.check_reachable(out, "write")
     # Orbax takes the whole tree in one call: no streaming here (see the docstring).
     try:
         if plan.format == "orbax":
@@ -900,6 +973,9 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Path, progress: Any) -
     except OSError:
         raise  # _atomic names the destination
     except Exception as err:  # Orbax's own errors, e.g. a value it cannot save
+        transport = _bucket.error(plan.dst, err, "write") if _bucket.is_bucket(out) else None
+        if transport is not None:
+            raise transport from err
         if _OS_ERROR.search(str(err)):  # TensorStore reports a full disk as a ValueError
             raise StorageError(
                 f"Writing {plan.dst} failed ({type(err).__name__}: {first_line(err, 160)}); "

@@ -385,8 +385,8 @@ def test_format_and_destination_arguments(tmp_path, mlp_state_ckpt):
         ncw.convert(mlp_state_ckpt, tmp_path / "o", dry_run=True)
     with pytest.raises(ncw.InvalidArgumentError, match="to must be one of"):
         ncw.convert(mlp_state_ckpt, tmp_path / "o", to="pickle", dry_run=True)
-    with pytest.raises(ncw.InvalidArgumentError, match="local folders only"):
-        ncw.convert(mlp_state_ckpt, "gs://bucket/o", to="orbax", dry_run=True)
+    with pytest.raises(ncw.InvalidArgumentError, match="local folders and gs:// buckets only"):
+        ncw.convert(mlp_state_ckpt, "s3://bucket/o", to="orbax", dry_run=True)
     with pytest.raises(ncw.InvalidArgumentError, match="strings only"):
         ncw.convert(mlp_state_ckpt, tmp_path / "o", to="safetensors", metadata={"n": 1})
 

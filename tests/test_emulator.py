@@ -70,7 +70,7 @@ def test_a_refusing_endpoint_is_reported_at_once(monkeypatch):
         match=rf"^Cannot read gs://b/x: the storage endpoint 127\.0\.0\.1:{port} cannot be "
         r"reached \(Connection refused\)",
     ):
-        _bucket._check_reachable("gs://b/x")
+        _bucket.check_reachable("gs://b/x")
     monkeypatch.setitem(fsspec.config.conf, "gs", {})
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")
     assert _bucket._endpoint() == ("127.0.0.1", 4443)

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 import operator
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from nnx_ckpt_widgets._text import clip
 from nnx_ckpt_widgets.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    IncompleteCheckpointError,
     InvalidArgumentError,
     ItemSelectionError,
 )
@@ -48,6 +50,8 @@ from nnx_ckpt_widgets.layouts.base import Location, ReadRequest, StoredLeaf
 SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG = "config.json"
+# A shard's name as the Hub spells it: model-00001-of-00003.safetensors.
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER = 100_000_000
 # Safetensors dtype -> (numpy / ml_dtypes name, bytes per element).
@@ -265,6 +269,15 @@ class SafetensorsLayout:
                     raise ItemSelectionError(
                         f"Folder {folder} holds several .safetensors files and no index "
                         f"({clip(', '.join(names), 120)}); pass one file, or add the index."
+                    )
+                shard = _SHARD_NAME.search(names[0]) if names else None
+                if shard is not None and int(shard.group(2)) > 1:
+                    # Hugging Face writes the index whenever it shards; one shard of several
+                    # without it is an upload or a convert that stopped part-way.
+                    raise IncompleteCheckpointError(
+                        f"Folder {folder} holds {clip(names[0], 80)}, one shard of "
+                        f"{int(shard.group(2))}, and no index: the upload or convert stopped "
+                        "part-way; copy the whole model again, or pass that one file."
                     )
             files = [folder / name for name in names]
             config = folder / CONFIG if CONFIG in listing.files else None
