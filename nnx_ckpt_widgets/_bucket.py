@@ -379,12 +379,18 @@ class Upload:
         self._file = _call(path, _fs().open, _key(path), "wb", verb="write")
 
     def write(self, data: Any) -> int:
-        # A dead endpoint fails here at once rather than after gcsfs's retries of a block.
-        check_reachable(self.path, "write")
-        try:
-            return int(self._file.write(data))
-        except Exception as err:
-            raise (error(self.path, err, "write") or err) from err
+        view = memoryview(data).cast("B")
+        step = int(self._file.blocksize)
+        # A block at a time: gcsfs copies what it is given into its buffer before sending it,
+        # so a whole array would be held twice.
+        for start in range(0, len(view), step):
+            # A dead endpoint fails here at once rather than after gcsfs's retries of a block.
+            check_reachable(self.path, "write")
+            try:
+                self._file.write(view[start : start + step])
+            except Exception as err:
+                raise (error(self.path, err, "write") or err) from err
+        return len(view)
 
     def close(self) -> None:
         check_reachable(self.path, "write")

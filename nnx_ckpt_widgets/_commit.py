@@ -44,6 +44,10 @@ _ORBAX_ENTRIES = (
 )
 
 
+class _LeftInDst(StorageError):
+    """A commit failed part-way and could not be undone: the message says what is left."""
+
+
 def _rank(name: str) -> int | None:
     """Where an object a reader starts from comes in the copy (higher: later); None for
     data."""
@@ -96,8 +100,10 @@ def staged(dst: Any, overwrite: bool) -> Iterator[Any]:
         try:
             _bucket.remove([_at(staging, n) for n in _bucket.objects(staging)])
         except Exception:  # the bucket is gone too: say so, and what may be left
-            if isinstance(err, CheckpointError) and not isinstance(err, StorageError):
-                raise
+            if isinstance(err, _LeftInDst) or (
+                isinstance(err, CheckpointError) and not isinstance(err, StorageError)
+            ):
+                raise err from None
             raise StorageError(
                 f"Writing {dst} failed ({first_line(err, 160)}); nothing was committed to "
                 f"{dst}, but the hidden staging prefix {staging}/ may remain: delete it with "
@@ -153,13 +159,24 @@ def _commit(staging: Any, dst: Any, overwrite: bool) -> None:
         for name in later:
             _bucket.copy(_at(out, name), _at(dst, name))
             copied.append(name)
-    except BaseException:
+    except BaseException as err:
         # Back as it was: ours out (the most decisive first), the old objects in (the most
-        # decisive last); when the bucket is gone as well, the error says what may be left.
-        with contextlib.suppress(Exception):
+        # decisive last); when the bucket is gone as well, the error says what is left.
+        try:
             _bucket.remove([_at(dst, n) for n in sorted(copied, key=_order, reverse=True)])
             for name in reversed(moved):
                 _bucket.copy(_at(aside, name), _at(dst, name))
+        except Exception:
+            if not copied and not moved:
+                raise err from None
+            raise _LeftInDst(
+                f"Committing {dst} failed after {len(copied)} of {len(new)} objects "
+                f"({first_line(err, 160)}), and they could not be taken back: {dst} holds a "
+                "part of the output that no reader takes for complete (the objects readers "
+                "start from come last)"
+                + (f", and {len(moved)} objects of the old output are in {aside}/" if moved else "")
+                + f"; delete {dst} and {staging} with `gcloud storage rm -r` and convert again."
+            ) from err
         raise
     stale = [n for n in old if n not in replaced and n not in moving]
     try:

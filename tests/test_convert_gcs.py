@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors
-from conftest import MLP, assert_same_arrays, make_mlp, run_cli, save_checkpoint, snapshot
+import safetensors.numpy
+from conftest import MLP, REPO, assert_same_arrays, make_mlp, run_cli, save_checkpoint, snapshot
 from flax import nnx
 from orbax.checkpoint import v1
 from safetensors import safe_open
@@ -330,3 +334,99 @@ def test_one_shard_without_its_index_is_incomplete(folder, src, tmp_path):
     assert len(ncw.inspect(f"{dst}/model-00001-of-00002.safetensors").leaves) >= 1
     shard = safetensors.deserialize(fs().cat_file(f"{dst}/model-00001-of-00002.safetensors"))
     assert len(shard) >= 1
+
+
+def test_commit_failing_part_way_is_undone(folder, src, monkeypatch):
+    dst = f"{folder}/out"
+    ncw.convert(make_mlp(1), dst, to="orbax", progress=False)
+    old = objects(dst)
+    real_copy = _bucket.copy
+
+    def refuse_the_index(a, b):
+        if str(b).endswith(".index.json"):
+            raise RuntimeError("copy refused")
+        real_copy(a, b)
+
+    monkeypatch.setattr(_bucket, "copy", refuse_the_index)
+    for where, overwrite in ((f"{folder}/new", False), (dst, True)):
+        with pytest.raises(ncw.StorageError, match=r"copy refused\); nothing was left there"):
+            ncw.convert(src, where, to="safetensors", max_shard_size=40, overwrite=overwrite)
+    assert _bucket.objects(f"{folder}/new") == [] and staging_left(folder) == []
+    assert objects(dst) == old  # the old output back, byte for byte
+    assert_same_arrays(make_mlp(1), ncw.load(dst, lambda: MLP(rngs=nnx.Rngs(7))))
+
+
+def test_endpoint_stopping_mid_commit_leaves_nothing_a_reader_takes(
+    running, folder, src, monkeypatch
+):
+    dst = f"{folder}/out"
+    real_copy = _bucket.copy
+
+    def stop_after_the_first_shard(a, b):
+        real_copy(a, b)
+        if str(b).endswith(".safetensors") and running.running:
+            running.stop()
+
+    monkeypatch.setattr(_bucket, "copy", stop_after_the_first_shard)
+    with pytest.raises(ncw.StorageError, match=r"^Committing gs://.*/out failed after 1 of 4") as e:
+        ncw.convert(src, dst, to="safetensors", max_shard_size=40, progress=False)
+    assert "no reader takes for complete" in str(e.value) and "gcloud storage rm -r" in str(e.value)
+    running.start()
+    assert _bucket.objects(dst) == ["model-00001-of-00003.safetensors"]
+    with pytest.raises(ncw.IncompleteCheckpointError, match="one shard of 3, and no index"):
+        ncw.inspect(dst)
+
+
+def test_a_large_array_is_uploaded_a_block_at_a_time(folder):
+    import tracemalloc
+
+    array = np.random.default_rng(0).standard_normal(12 * 2**20).astype(np.float32)  # 48 MiB
+    state = nnx.State({"w": array})
+    # Once first, small: what the first call imports and sets up is no part of the upload.
+    ncw.convert(nnx.State({"w": array[:4]}), f"{folder}/small.safetensors", progress=False)
+    tracemalloc.start()
+    try:
+        ncw.convert(state, f"{folder}/big.safetensors", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # gcsfs buffers one 5 MiB block; the array itself is never copied whole.
+    assert peak < 24 << 20, f"{peak:,} bytes traced while uploading a 48 MiB array"
+    data = fs().cat_file(f"{folder}/big.safetensors")
+    np.testing.assert_array_equal(safetensors.numpy.load(data)["w"], array, strict=True)
+
+
+CHILD = """
+import os, signal, sys
+import nnx_ckpt_widgets as ncw
+import nnx_ckpt_widgets._values
+nnx_ckpt_widgets._values.BATCH_BYTES = 1 << 16  # one array per batch
+
+def progress(done, total):
+    if total // 2 <= done < total:  # half of it read and being written: killed, as preempted
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ncw.convert(sys.argv[1], sys.argv[2], to="safetensors", max_shard_size=1 << 16, progress=progress)
+"""
+
+
+def test_killed_convert_leaves_nothing_at_dst(folder, tmp_path):
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal((128, 128), np.float32) for i in range(4)}
+    src = save_checkpoint(tmp_path / "wide", state)
+    dst = f"{folder}/out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), dst], env=env, timeout=300, check=False
+    )
+    assert done.returncode == -signal.SIGKILL
+    assert _bucket.objects(dst) == []
+    with pytest.raises(ncw.CheckpointNotFoundError):
+        ncw.inspect(dst)
+    # Only whole files reached the staging prefix: an upload cut short leaves no object.
+    for name in staging_left(folder):
+        assert name.endswith(".safetensors"), name
+        with_library = safetensors.deserialize(fs().cat_file(f"{folder}/{name}"))
+        assert len(with_library) == 1
+    ncw.convert(src, dst, to="safetensors", progress=False)  # not blocked by what was left
+    assert sorted(ncw.inspect(dst).leaves) == [("w0",), ("w1",), ("w2",), ("w3",)]
