@@ -118,7 +118,10 @@ def test_safetensors_round_trip(folder, src, tmp_path, where, shard, files):
     config.write_text('{"model_type": "mlp"}')
     extra = [config] if where == "out" else []
     before = ncw.inspect(src)
+    planned = ncw.convert(src, dst, to="safetensors", max_shard_size=shard, dry_run=True)
+    assert not planned.written and _bucket.objects(folder) == []  # a dry run writes nothing
     plan = ncw.convert(src, dst, to="safetensors", max_shard_size=shard, extra_files=extra)
+    assert plan.files == planned.files
     assert plan.written and plan.dst == dst
     stored = objects(dst)
     index = ["model.safetensors.index.json"] if len(files) > 1 else []
