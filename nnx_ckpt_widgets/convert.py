@@ -23,11 +23,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from nnx_ckpt_widgets import _bucket, _commit, _keypaths
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._layers import LayerSource
+from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets._text import clip, human_bytes, plural
 from nnx_ckpt_widgets._values import ProgressArg, iter_arrays, progress_callback, select_leaves
 from nnx_ckpt_widgets.compare import (
@@ -702,7 +703,7 @@ def _preview(names: list[str], limit: int = 3) -> str:
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _destination(text: str) -> Any:
+def _destination(text: str) -> AnyPath:
     """``dst`` as a path: a ``pathlib.Path``, or an ``etils.epath.Path`` for ``gs://``."""
     if _bucket.is_bucket(text):
         path = _bucket.as_path(text, "write")
@@ -720,8 +721,8 @@ def _destination(text: str) -> Any:
     return Path(text)
 
 
-def _check_destination(source: _Source, dst: Any, overwrite: bool) -> None:
-    if _bucket.is_bucket(dst):
+def _check_destination(source: _Source, dst: AnyPath, overwrite: bool) -> None:
+    if not isinstance(dst, Path):
         _check_bucket_destination(source, dst, overwrite)
         return
     target = dst.absolute()
@@ -740,7 +741,7 @@ def _check_destination(source: _Source, dst: Any, overwrite: bool) -> None:
         )
 
 
-def _check_bucket_destination(source: _Source, dst: Any, overwrite: bool) -> None:
+def _check_bucket_destination(source: _Source, dst: AnyPath, overwrite: bool) -> None:
     """As for a local ``dst``: no overlap with a source in a bucket, and ``dst`` (an object of
     that name, or any object under ``dst/``) absent unless ``overwrite``."""
     src = source.info.path if source.path is None else None
@@ -762,12 +763,12 @@ def _check_bucket_destination(source: _Source, dst: Any, overwrite: bool) -> Non
 
 
 @contextlib.contextmanager
-def _atomic(dst: Any, overwrite: bool) -> Iterator[Any]:
+def _atomic(dst: AnyPath, overwrite: bool) -> Iterator[AnyPath]:
     """A temporary folder beside ``dst`` to write into; renamed to ``dst`` when the block
     completes, removed when it fails (an interrupted process leaves only a hidden
     ``.NAME.*.converting`` folder, never ``dst``). In a bucket, a hidden staging prefix
     beside ``dst``, committed object by object (see :mod:`nnx_ckpt_widgets._commit`)."""
-    if _bucket.is_bucket(dst):
+    if not isinstance(dst, Path):
         with _commit.staged(dst, overwrite) as staging:
             yield staging
         return
@@ -872,18 +873,18 @@ def _arrays(
         assert next(reader, None) is None, "every array read was used"
 
 
-def _create(path: Any) -> Any:
+def _create(path: AnyPath) -> BinaryIO | _bucket.Upload:
     """A new file to write, as a context manager: a local file, or a bucket object streamed up
     in parts that appears only when complete (and never, when the block fails)."""
-    if _bucket.is_bucket(path):
-        return _bucket.Upload(path)
-    return open(path, "wb")
+    if isinstance(path, Path):
+        return open(path, "wb")
+    return _bucket.Upload(path)
 
 
 def _write_safetensors(
-    plan: ConvertPlan, source: _Source, out: Any, single: bool, progress: Any
+    plan: ConvertPlan, source: _Source, out: AnyPath, single: bool, progress: Any
 ) -> None:
-    if not _bucket.is_bucket(out):  # a bucket has no folders to make
+    if isinstance(out, Path):  # a bucket has no folders to make
         folder = out.parent if single else out
         folder.mkdir(exist_ok=True)
     by_key = {k.key: k for k in plan.keys}
@@ -940,7 +941,7 @@ def write_array(stream: Any, array: Any) -> None:
     stream.write(flat.data)
 
 
-def _write_orbax(plan: ConvertPlan, source: _Source, out: Any, progress: Any) -> None:
+def _write_orbax(plan: ConvertPlan, source: _Source, out: AnyPath, progress: Any) -> None:
     import jax
     import orbax.checkpoint as ocp
 
@@ -960,7 +961,7 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Any, progress: Any) ->
             value = jax.random.wrap_key_data(value, impl=impl)
         node[key.out_path[-1]] = value
     meta = dict(plan.metadata) if plan.metadata is not None else None
-    if _bucket.is_bucket(out):
+    if not isinstance(out, Path):
         # Orbax's first request goes through gcsfs, which retries a dead endpoint for 33 s.
         _bucket.check_reachable(out, "write")
     # Orbax takes the whole tree in one call: no streaming here (see the docstring).
@@ -973,7 +974,7 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: Any, progress: Any) ->
     except OSError:
         raise  # _atomic names the destination
     except Exception as err:  # Orbax's own errors, e.g. a value it cannot save
-        transport = _bucket.error(plan.dst, err, "write") if _bucket.is_bucket(out) else None
+        transport = None if isinstance(out, Path) else _bucket.error(plan.dst, err, "write")
         if transport is not None:
             raise transport from err
         if _OS_ERROR.search(str(err)):  # TensorStore reports a full disk as a ValueError
