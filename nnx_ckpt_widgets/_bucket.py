@@ -337,6 +337,52 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
 # --- writes (convert's output only: its own staging prefix, then its own dst) --------------
 
 
+def watched(path: Any, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (an Orbax save into ``path``) in a helper thread, and give up on it with a
+    :class:`StorageError` as soon as the endpoint refuses connections.
+
+    A save may rightly take long, so unlike :func:`guarded` there is no bound on the whole
+    call; but Orbax's TensorStore context retries an endpoint that is gone for many minutes
+    (more than six, measured on the emulator). The endpoint is probed once a second while the
+    save runs. A save given up on can only ever write into its own staging prefix, which is
+    never committed.
+
+    Raises:
+      StorageError: the endpoint refuses connections, or the save failed in transport.
+    """
+    import contextvars
+
+    outcome: list[Any] = []
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        try:
+            outcome.append((True, context.run(fn)))
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append((False, err))
+
+    worker = threading.Thread(target=work, name=f"nnx-ckpt write {path}", daemon=True)
+    worker.start()
+    while True:
+        worker.join(1.0)
+        if outcome:
+            break
+        _REACHED.clear()  # a fresh probe each time: one TCP connect a second
+        try:
+            check_reachable(path, "write")
+        except StorageError:
+            _ABANDONED.append(worker)
+            raise
+    ok, value = outcome[0]
+    if ok:
+        return value
+    if not isinstance(value, CheckpointError):
+        transport = error(path, value, "write")
+        if transport is not None:
+            raise transport from value
+    raise value
+
+
 def objects(path: Any) -> list[str]:
     """Every object at ``path``: ``""`` for an object of that very name, and the names under
     ``path/`` relative to it (``a/b``), sorted; one listing without delimiter. An empty list

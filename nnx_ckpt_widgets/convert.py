@@ -961,18 +961,24 @@ def _write_orbax(plan: ConvertPlan, source: _Source, out: AnyPath, progress: Any
             value = jax.random.wrap_key_data(value, impl=impl)
         node[key.out_path[-1]] = value
     meta = dict(plan.metadata) if plan.metadata is not None else None
-    if not isinstance(out, Path):
-        # Orbax's first request goes through gcsfs, which retries a dead endpoint for 33 s.
-        _bucket.check_reachable(out, "write")
-    # Orbax takes the whole tree in one call: no streaming here (see the docstring).
-    try:
+
+    def save() -> None:
         if plan.format == "orbax":
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(out, tree, custom_metadata=meta)
         else:
             ocp.v1.save(out, tree, custom_metadata=meta)
-    except OSError:
-        raise  # _atomic names the destination
+
+    # Orbax takes the whole tree in one call: no streaming here (see the docstring).
+    try:
+        if isinstance(out, Path):
+            save()
+        else:
+            # Orbax's first request goes through gcsfs, which retries a dead endpoint for 33 s.
+            _bucket.check_reachable(out, "write")
+            _bucket.watched(out, save)  # and its TensorStore writes for many minutes
+    except (OSError, CheckpointError):
+        raise  # _atomic names the destination; ours name it already
     except Exception as err:  # Orbax's own errors, e.g. a value it cannot save
         transport = None if isinstance(out, Path) else _bucket.error(plan.dst, err, "write")
         if transport is not None:

@@ -57,9 +57,13 @@ def folder(bucket) -> str:
 
 @pytest.fixture
 def running(gcs):
-    """The emulator, restarted after a test that stopped it."""
+    """The emulator, restarted after a test that stopped it, once the saves given up on have
+    ended (Orbax keeps retrying them; they end once it is back)."""
     yield gcs
     gcs.start()
+    for thread in _bucket.abandoned():
+        thread.join(90)
+        assert not thread.is_alive(), "an abandoned save still runs after the server came back"
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +341,23 @@ def test_one_shard_without_its_index_is_incomplete(folder, src, tmp_path):
     assert len(ncw.inspect(f"{dst}/model-00001-of-00002.safetensors").leaves) >= 1
     shard = safetensors.deserialize(fs().cat_file(f"{dst}/model-00001-of-00002.safetensors"))
     assert len(shard) >= 1
+
+
+def test_endpoint_stopping_during_orbax_own_save(running, folder, src, monkeypatch):
+    """Orbax's TensorStore retries a dead endpoint for many minutes; the probe gives up on it at
+    once, and nothing is committed."""
+    dst = f"{folder}/out"
+    real_watched = _bucket.watched
+
+    def stop_as_orbax_starts(path, save):
+        running.stop()
+        return real_watched(path, save)
+
+    monkeypatch.setattr(_bucket, "watched", stop_as_orbax_starts)
+    with pytest.raises(ncw.StorageError, match=r"^Writing gs://.*/out failed \(Cannot write"):
+        ncw.convert(src, dst, to="orbax", progress=False)
+    running.start()
+    assert _bucket.objects(dst) == []
 
 
 def test_commit_failing_part_way_is_undone(folder, src, monkeypatch):
