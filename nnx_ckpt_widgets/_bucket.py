@@ -10,6 +10,9 @@ policy, and the Orbax calls a layout makes run under :func:`guarded`, a watchdog
 Orbax's own TensorStore context retries a dead endpoint for many minutes. A bucket that does
 not answer gives a :class:`~nnx_ckpt_widgets.errors.StorageError` naming the URL, never a
 hang. ``NNX_CKPT_GCS_TIMEOUT`` (seconds, default 60) sets the bound.
+
+The writes at the end serve ``convert`` only, into its own staging prefix and its own ``dst``
+(see :mod:`nnx_ckpt_widgets._commit`); nothing here writes into a checkpoint.
 """
 
 from __future__ import annotations

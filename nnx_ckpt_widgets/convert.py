@@ -264,7 +264,9 @@ def convert(
     shards; Orbax's ``_METADATA``, ``_CHECKPOINT_METADATA`` and ``commit_success.txt`` after its
     data). With ``overwrite``, the old output stays until the new one is complete; the commit
     moves its entry files aside first and deletes its other objects last. A failure, a bucket
-    that stops answering included, removes the staging prefix and anything committed. A
+    that stops answering included, removes the staging prefix and anything committed (a
+    bucket that stops answering during the commit itself may keep some of the copied objects,
+    never a set a reader takes for complete; the error says so). A
     process killed during the copy (seconds: no bytes are sent again) can leave at ``dst``
     some safetensors shards without their index, which :func:`inspect` and transformers'
     ``from_pretrained`` refuse, though each shard is a complete file that ``safe_open`` opens
