@@ -97,13 +97,16 @@ def staged(dst: Any, overwrite: bool) -> Iterator[Any]:
         yield staging / "out"
         _commit(staging, dst, overwrite)
     except BaseException as err:
-        try:
-            _bucket.remove([_at(staging, n) for n in _bucket.objects(staging)])
-        except Exception:  # the bucket is gone too: say so, and what may be left
-            if isinstance(err, _LeftInDst) or (
-                isinstance(err, CheckpointError) and not isinstance(err, StorageError)
-            ):
-                raise err from None
+        cleaned = _remove_all(staging)
+        # Errors that are not the bucket's (a transform, the source) say enough as they are.
+        ours = isinstance(err, CheckpointError) and not isinstance(err, StorageError)
+        if (
+            not cleaned
+            and isinstance(err, Exception)
+            and not ours
+            and not isinstance(err, _LeftInDst)
+        ):
+            # The bucket is gone: say so, and what may be left.
             raise StorageError(
                 f"Writing {dst} failed ({first_line(err, 160)}); nothing was committed to "
                 f"{dst}, but the hidden staging prefix {staging}/ may remain: delete it with "
@@ -120,14 +123,20 @@ def staged(dst: Any, overwrite: bool) -> Iterator[Any]:
                 "another destination."
             )
         ) from err
-    try:
-        _bucket.remove([_at(staging, n) for n in _bucket.objects(staging)])
-    except StorageError as err:
+    if not _remove_all(staging):
         raise StorageError(
             f"{dst} was written and is complete, but its hidden staging prefix {staging}/ could "
-            f"not be deleted ({first_line(err, 160)}); delete it with "
-            f"`gcloud storage rm -r {staging}`."
-        ) from err
+            f"not be deleted; delete it with `gcloud storage rm -r {staging}`."
+        )
+
+
+def _remove_all(prefix: Any) -> bool:
+    """Delete every object under ``prefix``; False when the bucket did not let us."""
+    try:
+        _bucket.remove([_at(prefix, n) for n in _bucket.objects(prefix)])
+    except Exception:
+        return False
+    return True
 
 
 def _commit(staging: Any, dst: Any, overwrite: bool) -> None:
@@ -166,14 +175,15 @@ def _commit(staging: Any, dst: Any, overwrite: bool) -> None:
             _bucket.remove([_at(dst, n) for n in sorted(copied, key=_order, reverse=True)])
             for name in reversed(moved):
                 _bucket.copy(_at(aside, name), _at(dst, name))
+            undone = True
         except Exception:
-            if not copied and not moved:
-                raise err from None
+            undone = False
+        if not undone:
             raise _LeftInDst(
                 f"Committing {dst} failed after {len(copied)} of {len(new)} objects "
-                f"({first_line(err, 160)}), and they could not be taken back: {dst} holds a "
-                "part of the output that no reader takes for complete (the objects readers "
-                "start from come last)"
+                f"({first_line(err, 160)}), and they could not be taken back: {dst} holds part "
+                "of the new output, which no reader takes for a complete checkpoint (the "
+                "objects readers start from come last)"
                 + (f", and {len(moved)} objects of the old output are in {aside}/" if moved else "")
                 + f"; delete {dst} and {staging} with `gcloud storage rm -r` and convert again."
             ) from err

@@ -394,7 +394,9 @@ def test_endpoint_stopping_mid_commit_leaves_nothing_a_reader_takes(
     monkeypatch.setattr(_bucket, "copy", stop_after_the_first_shard)
     with pytest.raises(ncw.StorageError, match=r"^Committing gs://.*/out failed after 1 of 4") as e:
         ncw.convert(src, dst, to="safetensors", max_shard_size=40, progress=False)
-    assert "no reader takes for complete" in str(e.value) and "gcloud storage rm -r" in str(e.value)
+    assert "no reader takes for a complete checkpoint" in str(
+        e.value
+    ) and "gcloud storage rm -r" in str(e.value)
     running.start()
     assert _bucket.objects(dst) == ["model-00001-of-00003.safetensors"]
     with pytest.raises(ncw.IncompleteCheckpointError, match="one shard of 3, and no index"):
