@@ -306,20 +306,8 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
     Raises:
       StorageError: no answer in time, or a transport failure.
     """
-    import contextvars
-
     check_reachable(path)  # Orbax's own listings go through gcsfs and its 33 s of retries
-    outcome: list[Any] = []
-    context = contextvars.copy_context()  # Orbax v1's Context (the layout to read) is one
-
-    def work() -> None:
-        try:
-            outcome.append((True, context.run(fn)))
-        except BaseException as err:  # handed to the caller's thread
-            outcome.append((False, err))
-
-    worker = threading.Thread(target=work, name=f"nnx-ckpt read {path}", daemon=True)
-    worker.start()
+    worker, outcome = _in_thread(f"nnx-ckpt read {path}", fn)
     worker.join(timeout())
     if not outcome:
         _ABANDONED.append(worker)
@@ -327,11 +315,37 @@ def guarded(path: Any, fn: Callable[[], T]) -> T:
             f"Cannot read {path}: the bucket did not answer within {timeout():g} s; check the "
             f"network and the bucket (set {TIMEOUT_ENV} to wait longer)."
         )
-    ok, value = outcome[0]
+    return _outcome(path, outcome[0], "read")
+
+
+def _in_thread(name: str, fn: Callable[[], T]) -> tuple[threading.Thread, list[Any]]:
+    """``fn`` started in a daemon thread, in a copy of the caller's context (Orbax v1's
+    Context, the layout to read, is one); the list gets ``(ok, value or error)`` when it
+    ends."""
+    import contextvars
+
+    outcome: list[Any] = []
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        try:
+            outcome.append((True, context.run(fn)))
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append((False, err))
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    return worker, outcome
+
+
+def _outcome(path: Any, outcome: tuple[bool, Any], verb: str) -> Any:
+    """The value of a call run by :func:`_in_thread`, or its error (a transport failure as a
+    :class:`StorageError`)."""
+    ok, value = outcome
     if ok:
         return value
     if not isinstance(value, CheckpointError):
-        transport = error(path, value)
+        transport = error(path, value, verb)
         if transport is not None:
             raise transport from value
     raise value
@@ -353,37 +367,17 @@ def watched(path: Any, fn: Callable[[], T]) -> T:
     Raises:
       StorageError: the endpoint refuses connections, or the save failed in transport.
     """
-    import contextvars
-
-    outcome: list[Any] = []
-    context = contextvars.copy_context()
-
-    def work() -> None:
-        try:
-            outcome.append((True, context.run(fn)))
-        except BaseException as err:  # handed to the caller's thread
-            outcome.append((False, err))
-
-    worker = threading.Thread(target=work, name=f"nnx-ckpt write {path}", daemon=True)
-    worker.start()
+    worker, outcome = _in_thread(f"nnx-ckpt write {path}", fn)
     while True:
         worker.join(1.0)
         if outcome:
-            break
+            return _outcome(path, outcome[0], "write")
         _REACHED.clear()  # a fresh probe each time: one TCP connect a second
         try:
             check_reachable(path, "write")
         except StorageError:
             _ABANDONED.append(worker)
             raise
-    ok, value = outcome[0]
-    if ok:
-        return value
-    if not isinstance(value, CheckpointError):
-        transport = error(path, value, "write")
-        if transport is not None:
-            raise transport from value
-    raise value
 
 
 def objects(path: Any) -> list[str]:
