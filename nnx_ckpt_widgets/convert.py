@@ -575,10 +575,10 @@ def _plan(
     keys = [leaf.name for leaf in chosen if leaf.key_impl is not None and fmt == "safetensors"]
     if not_arrays or keys:
         what = (
-            f"{plural(len(keys), 'PRNG key array')} ({_preview(keys)})"
+            f"{plural(len(keys), 'PRNG key array')} ({_keypaths.preview(keys)})"
             if keys
             else f"{len(not_arrays)} non-array {'leaf' if len(not_arrays) == 1 else 'leaves'} "
-            f"({_preview(not_arrays)})"
+            f"({_keypaths.preview(not_arrays)})"
         )
         raise InvalidArgumentError(
             f"{source.where} holds {what}, which convert does not write; leave them out with "
@@ -703,11 +703,6 @@ def _shards(keys: list[ConvertedKey], limit: int) -> list[list[ConvertedKey]]:
         shards[-1].append(key)
         size += key.nbytes
     return shards or [[]]
-
-
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(clip(n, 60) for n in names[:limit])
-    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _check_destination(source: _Source, dst: Path, overwrite: bool) -> None:
