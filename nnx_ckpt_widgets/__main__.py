@@ -80,12 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                 help=f"exit with status {NAN_EXIT} when an array holds NaN or Inf",
             )
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
-            sub.add_argument(
-                "--max-memory",
-                metavar="SIZE",
-                help="memory the reads may use, e.g. 512MiB (default: a quarter of the "
-                "available memory, at most 4GiB)",
-            )
+            _max_memory_argument(sub)
         if name == "compare":
             sub.add_argument(
                 "--model",
@@ -166,7 +161,17 @@ def _convert_arguments(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
     sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _max_memory_argument(sub)
     _key_arguments(sub)
+
+
+def _max_memory_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory the reads may use, e.g. 512MiB (default: a quarter of the "
+        "available memory, at most 4GiB)",
+    )
 
 
 def _load_factory(spec: str):
@@ -293,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 dry_run=args.dry_run,
                 progress=False if args.no_progress else None,
+                max_memory=args.max_memory,
             )
             print(_json(written.as_dict()) if args.json else written)
             return 0

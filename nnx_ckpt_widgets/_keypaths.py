@@ -129,3 +129,13 @@ def _span(values: list[int]) -> str:
     if values == list(range(values[0], values[-1] + 1)):
         return f"{{{values[0]}..{values[-1]}}}"
     return "{" + ",".join(map(str, values)) + "}"
+
+
+def preview(keys: Iterable[str], limit: int = 3) -> str:
+    """Up to ``limit`` keys (spelled ``a/b/c``) for a message, layer indices folded
+    (``layers/*/kernel``) and each clipped, since keys from a checkpoint may be hostile."""
+    from nnx_ckpt_widgets._text import clip
+
+    folded = [pattern for pattern, _ in fold(split(k) for k in keys)]
+    shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])
+    return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")

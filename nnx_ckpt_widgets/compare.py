@@ -407,7 +407,7 @@ class LoadReport:
     def summary(self) -> str:
         """One sentence listing the differences."""
         parts = [
-            f"{len(paths)} {label} ({preview_keys(paths)})"
+            f"{len(paths)} {label} ({_keypaths.preview(paths)})"
             for label, paths in (
                 ("missing", self.missing),
                 ("unexpected", self.unexpected),
@@ -427,13 +427,6 @@ class LoadReport:
         from nnx_ckpt_widgets import render
 
         return render.report_html(self)
-
-
-def preview_keys(paths: list[str], limit: int = 3) -> str:
-    """Up to ``limit`` keys, with layer indices folded and hostile names clipped."""
-    folded = [pattern for pattern, _ in _keypaths.fold(_keypaths.split(p) for p in paths)]
-    shown = ", ".join(clip(pattern, 60) for pattern in folded[:limit])  # keys may be hostile
-    return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
 
 
 def state_of(value: Any, refusal: str) -> Any:

@@ -4,11 +4,12 @@ The plan is made first, from metadata only, with the functions ``compare`` uses
 (``build_report``: ``rename``, then ``transform`` shapes through ``jax.eval_shape``), so what
 ``dry_run=True`` shows is what is written. Safetensors files are written by a small streaming
 writer: each shard's header comes from the plan, then the tensors' bytes in order, as arrays
-arrive from bounded batch reads (the layout's partial restore), so memory stays near the
-largest array plus two batches. Everything goes to a temporary folder beside ``dst``, which is
-renamed into place only when complete; a failure removes it. In a bucket, which cannot rename,
-it goes to a hidden staging prefix that :mod:`nnx_ckpt_widgets._commit` copies into ``dst``
-when complete. The source is only read.
+arrive from bounded batch reads (the layout's partial restore), as many at once as
+``max_memory`` allows (``_values.plan_reads``, as ``stats`` reads), so memory stays near the
+largest array plus the reads in flight. Everything goes to a temporary folder beside ``dst``,
+which is renamed into place only when complete; a failure removes it. In a bucket, which
+cannot rename, it goes to a hidden staging prefix that :mod:`nnx_ckpt_widgets._commit` copies
+into ``dst`` when complete. The source is only read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._layers import LayerSource
 from nnx_ckpt_widgets._storage import AnyPath
 from nnx_ckpt_widgets._text import clip, human_bytes, plural
-from nnx_ckpt_widgets._values import ProgressArg, iter_arrays, progress_callback, select_leaves
+from nnx_ckpt_widgets._values import (
+    MemoryArg,
+    ProgressArg,
+    ReadPlan,
+    iter_arrays,
+    plan_reads,
+    progress_callback,
+    select_leaves,
+)
 from nnx_ckpt_widgets.compare import (
     LoadReport,
     Transform,
@@ -241,16 +250,19 @@ def convert(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: ProgressArg = None,
+    max_memory: MemoryArg = None,
 ) -> ConvertPlan:
     """Write a checkpoint or a live model as Hugging Face safetensors or as an Orbax checkpoint.
 
     Safetensors are written the way the Hub expects: one ``model.safetensors`` when the
     arrays fit in ``max_shard_size``, else ``model-0000k-of-0000n.safetensors`` shards and
     ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``); key paths
-    ``a/b/c`` become ``a.b.c``. They are streamed: arrays are read in bounded batches and
-    written as they come, so memory stays near the largest array. Orbax output is saved by one
-    Orbax call (``StandardCheckpointer`` for ``"orbax"``, ``ocp.v1.save`` for ``"orbax-v1"``),
-    which takes the whole tree: peak memory is then the size of the arrays converted. Typed
+    ``a/b/c`` become ``a.b.c``. They are streamed: arrays are read in bounded batches, as
+    many at once as ``max_memory`` allows, and written as they come, so memory stays near the
+    largest array plus the reads in flight, never a whole shard or model. Orbax output is
+    saved by one Orbax call (``StandardCheckpointer`` for ``"orbax"``, ``ocp.v1.save`` for
+    ``"orbax-v1"``), which takes the whole tree: peak memory is then the size of the arrays
+    converted. Typed
     PRNG keys go to Orbax as keys.
 
     The output is written to a temporary folder beside ``dst`` and renamed into place when
@@ -303,15 +315,22 @@ def convert(
       extra_files: files copied beside the weights, e.g. a ``config.json``.
       overwrite: replace an existing ``dst``.
       dry_run: return the plan and write nothing.
-      progress: a callable ``progress(done_bytes, total_bytes)``; ``True`` for a tqdm bar,
-        ``False`` for none; by default a bar when stderr is a terminal.
+      progress: a callable ``progress(done_bytes, total_bytes)`` (also given
+        ``reads_in_flight=`` when it takes that keyword); ``True`` for a tqdm bar, ``False``
+        for none; by default a bar when stderr is a terminal.
+      max_memory: for a checkpoint ``src``, the memory its reads may use on top of what the
+        process holds at the call, as for :func:`nnx_ckpt_widgets.stats`: bytes or a string
+        such as ``"512MiB"``; by default a quarter of the memory available, at most 4 GiB.
+        It sets how many reads run at once (two per core at most). A live model's arrays are
+        already in memory: each is copied to the host and written in turn.
 
     Returns:
       The :class:`ConvertPlan`: files, keys and bytes; ``written`` is False for a dry run.
 
     Raises:
       InvalidArgumentError: an option is not valid, ``select`` matches nothing, ``dst``
-        exists (without ``overwrite``) or overlaps ``src``, or an array cannot be written
+        exists (without ``overwrite``) or overlaps ``src``, ``max_memory`` is too small for
+        the largest array to read (named, with the budget it needs), or an array cannot be written
         (a non-array leaf; for safetensors a PRNG key or a dtype it lacks; for Orbax an
         empty array).
       TransformError: a ``transform`` function raised, or returned another shape or dtype
@@ -338,16 +357,20 @@ def convert(
     keys = {"rename": rename, "transform": transform, "stack": stack, "unstack": unstack}
     plan = _plan(source, dst_text, fmt, select, keys, out_dtype, limit, meta, extras)
     _check_destination(source, dst_path, overwrite)
+    # Refused before anything is written, dry run or not: the budget is part of the plan.
+    reads = plan_reads(_stored(plan), max_memory, what="convert", where=source.where)
     if dry_run:
         return plan
 
     callback, close = progress_callback(progress, "convert")
     try:
         with _atomic(dst_path, overwrite) as out:
-            if fmt == "safetensors":
-                _write_safetensors(plan, source, out, single, callback)
-            else:
-                _write_orbax(plan, source, out, callback)
+            arrays = _arrays(plan, source, callback, reads)
+            with contextlib.closing(arrays):
+                if fmt == "safetensors":
+                    _write_safetensors(plan, arrays, out, single)
+                else:
+                    _write_orbax(plan, arrays, out)
             for extra in extras:
                 with extra.open("rb") as stream, _create(out / extra.name) as copy:
                     shutil.copyfileobj(stream, copy)
@@ -458,8 +481,8 @@ class _Source:
 
     info: CheckpointInfo
     where: str
-    # leaves, progress -> (leaf, host array) in order, in bounded memory
-    read: Callable[[Sequence[LeafInfo], Any], Generator[tuple[LeafInfo, Any], None, None]]
+    # leaves, progress, read plan -> (leaf, host array) in order, in bounded memory
+    read: Callable[[Sequence[LeafInfo], Any, ReadPlan], Generator[tuple[LeafInfo, Any], None, None]]
     path: Path | None = None  # a local source folder or file, never to be written
     not_arrays: tuple[str, ...] = ()  # live leaves that hold no array (strings, None...)
 
@@ -472,9 +495,9 @@ def _source(src: Any, step: int | None, item: str | None) -> _Source:
         where = str(info.item_dir)
 
         def read(
-            leaves: Sequence[LeafInfo], progress: Any
+            leaves: Sequence[LeafInfo], progress: Any, plan: ReadPlan
         ) -> Generator[tuple[LeafInfo, Any], None, None]:
-            yield from iter_arrays(location, leaves, progress=progress, where=where)
+            yield from iter_arrays(location, leaves, progress=progress, where=where, plan=plan)
 
         text = os.fspath(src)
         local = None if "://" in text else Path(text).absolute()
@@ -525,8 +548,9 @@ def _live_source(src: Any) -> _Source:
     info = CheckpointInfo(path=Path(name), item_dir=Path(name), format=STATE_FORMAT, leaves=leaves)
 
     def read(
-        leaves: Sequence[LeafInfo], progress: Any
+        leaves: Sequence[LeafInfo], progress: Any, plan: ReadPlan
     ) -> Generator[tuple[LeafInfo, Any], None, None]:
+        del plan  # nothing to read: the arrays are in memory already
         total = sum(leaf.nbytes for leaf in leaves)
         done = 0
         if progress is not None:
@@ -570,10 +594,10 @@ def _plan(
     keys = [leaf.name for leaf in chosen if leaf.key_impl is not None and fmt == "safetensors"]
     if not_arrays or keys:
         what = (
-            f"{plural(len(keys), 'PRNG key array')} ({_preview(keys)})"
+            f"{plural(len(keys), 'PRNG key array')} ({_keypaths.preview(keys)})"
             if keys
             else f"{len(not_arrays)} non-array {'leaf' if len(not_arrays) == 1 else 'leaves'} "
-            f"({_preview(not_arrays)})"
+            f"({_keypaths.preview(not_arrays)})"
         )
         raise InvalidArgumentError(
             f"{source.where} holds {what}, which convert does not write; leave them out with "
@@ -700,11 +724,6 @@ def _shards(keys: list[ConvertedKey], limit: int) -> list[list[ConvertedKey]]:
     return shards or [[]]
 
 
-def _preview(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(clip(n, 60) for n in names[:limit])
-    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _destination(text: str) -> AnyPath:
     """``dst`` as a path: a ``pathlib.Path``, or an ``etils.epath.Path`` for ``gs://``."""
     if _bucket.is_bucket(text):
@@ -813,27 +832,37 @@ def _atomic(dst: AnyPath, overwrite: bool) -> Iterator[AnyPath]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _parts(key: ConvertedKey) -> tuple[LeafInfo, ...]:
+    """The stored leaves ``key`` is made of: one, or a stacked key's layers."""
+    parts = key.layers.parts if key.layers is not None else (key.read_leaf,)
+    assert all(p is not None for p in parts)
+    return parts  # type: ignore[return-value]
+
+
+def _stored(plan: ConvertPlan) -> list[LeafInfo]:
+    """The stored leaves to read, each once, in the order the keys need them."""
+    order: dict[tuple, LeafInfo] = {}
+    for key in plan.keys:
+        for p in _parts(key):
+            order.setdefault((p.stored_path, p.path), p)
+    return list(order.values())
+
+
 def _arrays(
-    plan: ConvertPlan, source: _Source, progress: Any
+    plan: ConvertPlan, source: _Source, progress: Any, reads: ReadPlan
 ) -> Generator[tuple[ConvertedKey, Any], None, None]:
-    """Each planned key with its array as written: read in bounded batches, transformed,
-    cast and checked against the plan."""
+    """Each planned key with its array as written: read in bounded batches (``reads`` of
+    them at once), transformed, cast and checked against the plan."""
     import numpy as np
 
-    # Each stored array is read once, in the order the keys need them; a stacked array that
-    # several layers are sliced from (unstack) stays in memory only until its last layer.
-    needs: list[tuple[LeafInfo, ...]] = []
-    order: dict[tuple, LeafInfo] = {}
+    # Each stored array is read once; a stacked array that several layers are sliced from
+    # (unstack) stays in memory only until its last layer.
+    needs = [_parts(k) for k in plan.keys]
     left: dict[tuple, int] = {}
-    for k in plan.keys:
-        parts = k.layers.parts if k.layers is not None else (k.read_leaf,)
-        assert all(p is not None for p in parts)
-        needs.append(parts)  # type: ignore[arg-type]
+    for parts in needs:
         for p in parts:
-            assert p is not None
-            order.setdefault((p.stored_path, p.path), p)
             left[(p.stored_path, p.path)] = left.get((p.stored_path, p.path), 0) + 1
-    reader = source.read(list(order.values()), progress)
+    reader = source.read(_stored(plan), progress, reads)
     # Closing the reader ends its prefetch thread when writing stops early.
     with contextlib.closing(reader):
         held: dict[tuple, Any] = {}
@@ -884,26 +913,27 @@ def _create(path: AnyPath) -> BinaryIO | _bucket.Upload:
 
 
 def _write_safetensors(
-    plan: ConvertPlan, source: _Source, out: AnyPath, single: bool, progress: Any
+    plan: ConvertPlan,
+    arrays: Iterator[tuple[ConvertedKey, Any]],
+    out: AnyPath,
+    single: bool,
 ) -> None:
     if isinstance(out, Path):  # a bucket has no folders to make
         folder = out.parent if single else out
         folder.mkdir(exist_ok=True)
     by_key = {k.key: k for k in plan.keys}
-    arrays = _arrays(plan, source, progress)
-    with contextlib.closing(arrays):
-        for file, names in plan.files.items():
-            keys = [by_key[n] for n in names]
-            path = out if single else out / file
-            with _create(path) as stream:
-                stream.write(safetensors_header(keys, plan.metadata))
-                for key in keys:
-                    got, array = next(arrays)
-                    assert got is key
-                    write_array(stream, array)
-        # Run the reader to its end: its last progress call, and the check that it is done.
-        leftover = next(arrays, None)
-        assert leftover is None, "the plan and the reader agree on the arrays"
+    for file, names in plan.files.items():
+        keys = [by_key[n] for n in names]
+        path = out if single else out / file
+        with _create(path) as stream:
+            stream.write(safetensors_header(keys, plan.metadata))
+            for key in keys:
+                got, array = next(arrays)
+                assert got is key
+                write_array(stream, array)
+    # Run the reader to its end: its last progress call, and the check that it is done.
+    leftover = next(arrays, None)
+    assert leftover is None, "the plan and the reader agree on the arrays"
     if len(plan.files) > 1:
         index = {
             "metadata": {"total_size": plan.total_size},
@@ -943,13 +973,15 @@ def write_array(stream: Any, array: Any) -> None:
     stream.write(flat.data)
 
 
-def _write_orbax(plan: ConvertPlan, source: _Source, out: AnyPath, progress: Any) -> None:
+def _write_orbax(
+    plan: ConvertPlan, arrays: Iterator[tuple[ConvertedKey, Any]], out: AnyPath
+) -> None:
     import jax
     import orbax.checkpoint as ocp
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tree: dict[str, Any] = {}
-    for key, array in _arrays(plan, source, progress):
+    for key, array in arrays:
         node = tree
         for part in key.out_path[:-1]:
             node = node.setdefault(part, {})

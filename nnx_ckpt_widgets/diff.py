@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._text import clip, plural, shape_text, table, where
 from nnx_ckpt_widgets._values import (
     ArrayDiff,
@@ -230,7 +231,7 @@ class DiffReport:
         n = len(compared)
         for label, keys in (("NaN", self.nan_appeared), ("Inf", self.inf_appeared)):
             if keys:
-                named = clip(keys[0], 60) if len(keys) == 1 else _preview(keys)
+                named = clip(keys[0], 60) if len(keys) == 1 else _keypaths.preview(keys)
                 count = "" if len(keys) == 1 else f"{len(keys)} of {plural(n, 'array')}: "
                 parts.append(f"{label} appeared in {count}{named}")
         unchanged = self.unchanged
@@ -239,7 +240,8 @@ class DiffReport:
             parts.append(f"{the} {'is' if n == 1 else 'are'} bit-identical")
         elif unchanged:
             parts.append(
-                f"{len(unchanged)} of {n} arrays unchanged: {_preview(unchanged)} (frozen?)"
+                f"{len(unchanged)} of {n} arrays unchanged: "
+                f"{_keypaths.preview(unchanged)} (frozen?)"
             )
         else:
             parts.append(f"{the} changed")
@@ -389,14 +391,6 @@ def _note(group: Sequence[DiffEntry]) -> str:
     if any(math.isfinite(r) and r > LARGE_CHANGE for r in rel):
         notes.append(f"change over {LARGE_CHANGE:g}")
     return ", ".join(notes)
-
-
-def _preview(keys: list[str], limit: int = 3) -> str:
-    from nnx_ckpt_widgets import _keypaths
-
-    folded = [pattern for pattern, _ in _keypaths.fold(_keypaths.split(k) for k in keys)]
-    shown = ", ".join(clip(p, 60) for p in folded[:limit])
-    return shown + (f", and {len(folded) - limit} more" if len(folded) > limit else "")
 
 
 def diff(

@@ -15,14 +15,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from nnx_ckpt_widgets import _keypaths
 from nnx_ckpt_widgets._text import human_bytes, plural
-from nnx_ckpt_widgets.compare import (
-    READ_STATUSES,
-    Action,
-    KeyStatus,
-    LoadReport,
-    preview_keys,
-)
+from nnx_ckpt_widgets.compare import READ_STATUSES, Action, KeyStatus, LoadReport
 from nnx_ckpt_widgets.errors import CheckpointMismatchError, InvalidArgumentError
 
 __all__ = ["PlannedKey", "Refusal", "RestoreOptions", "RestorePlan", "make_plan"]
@@ -270,14 +265,14 @@ def _refusal(report: LoadReport, opts: RestoreOptions) -> Refusal | None:
     if report.dtype_mismatched and not opts.cast:
         return Refusal(
             f"{len(report.dtype_mismatched)} dtype mismatched "
-            f"({preview_keys(report.dtype_mismatched)})",
+            f"({_keypaths.preview(report.dtype_mismatched)})",
             "pass cast=True to cast them; every cast is reported.",
             "Tick 'cast dtypes' to cast them; every cast is reported.",
         )
     if report.unexpected and opts.unexpected == "error":
         return Refusal(
             f"{plural(len(report.unexpected), 'unexpected key')} "
-            f"({preview_keys(report.unexpected)})",
+            f"({_keypaths.preview(report.unexpected)})",
             "pass unexpected='ignore' to skip them.",
             "Choose 'unexpected: ignore' to skip them.",
         )
@@ -285,7 +280,7 @@ def _refusal(report: LoadReport, opts: RestoreOptions) -> Refusal | None:
         abstract = [p for p in report.missing if p in report.abstract_keys]
         if abstract:
             return Refusal(
-                f"{plural(len(abstract), 'missing key')} ({preview_keys(abstract)}) and the "
+                f"{plural(len(abstract), 'missing key')} ({_keypaths.preview(abstract)}) and the "
                 "target is abstract, so it has no values to keep for them",
                 "pass missing='zeros', or use load(path, factory) to initialise them.",
                 "Choose 'missing: zeros', or build the model with real values first.",
@@ -315,7 +310,7 @@ def _shape_refusal(report: LoadReport) -> Refusal:
     )
     return Refusal(
         f"{len(report.shape_mismatched)} shape mismatched "
-        f"({preview_keys(report.shape_mismatched)})",
+        f"({_keypaths.preview(report.shape_mismatched)})",
         f"an array cannot be restored into another shape; {fix}.",
         "An array cannot be restored into another shape: change the model, or restore from "
         "Python with transform=.",

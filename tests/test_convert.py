@@ -607,6 +607,11 @@ def test_cli_convert_dry_run_and_write(tmp_path, mlp_state_ckpt, capsys):
     )
     plan = json.loads(capsys.readouterr().out)
     assert plan["written"] is False and plan["total_size"] == 104 and not out.exists()
+    # A budget too small to read the largest array: refused by name, nothing written.
+    too_small = ["convert", str(mlp_state_ckpt), str(out), "--to", "safetensors"]
+    assert main([*too_small, "--max-memory", "1MiB"]) == 1
+    assert "max_memory=1.0 MiB is too small for convert" in capsys.readouterr().err
+    assert not out.exists()
     assert (
         main(
             [

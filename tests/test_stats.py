@@ -7,6 +7,7 @@ property test on random trees.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors
 from conftest import run_cli, save_checkpoint, save_manager
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
@@ -277,7 +279,7 @@ def budget_ckpt(tmp_path_factory) -> Path:
 
 
 def test_a_budget_too_small_for_the_largest_array_is_refused_before_any_read(
-    budget_ckpt, monkeypatch
+    budget_ckpt, monkeypatch, tmp_path
 ):
     info = nw.inspect(budget_ckpt)
     layout = type(info.location.layout)
@@ -306,13 +308,19 @@ def test_a_budget_too_small_for_the_largest_array_is_refused_before_any_read(
     assert report["w0"].max == float(w0.max()) and report["w0"].min == float(w0.min())
     assert main(["stats", str(budget_ckpt), "--no-progress", "--max-memory", "33MiB"]) == 1
     assert main(["stats", str(budget_ckpt), "--no-progress", "--max-memory", str(need)]) == 0
+    # convert refuses too, before it writes anything, dry run or not.
+    dst, reads[:] = tmp_path / "out", []
+    for dry_run in (True, False):
+        with pytest.raises(nw.InvalidArgumentError, match=r"too small for convert of .*w0"):
+            nw.convert(budget_ckpt, dst, to="safetensors", max_memory="33MiB", dry_run=dry_run)
+    assert reads == [] and list(tmp_path.iterdir()) == []
     with pytest.raises(nw.InvalidArgumentError, match="'lots' is not a size"):
         nw.stats(budget_ckpt, max_memory="lots")
     with pytest.raises(nw.InvalidArgumentError, match="must be positive"):
         nw.stats(budget_ckpt, max_memory=0)
 
 
-def test_a_larger_budget_gives_more_reads_in_flight(budget_ckpt, monkeypatch):
+def test_a_larger_budget_gives_more_reads_in_flight(budget_ckpt, monkeypatch, tmp_path):
     monkeypatch.setattr(_values, "cores", lambda: 4)  # the same figures on any machine
     # Batches of one array: each read in flight then counts 1 MiB x 2.2, on 32 MiB reserved
     # and the 1 MiB being summed up.
@@ -334,6 +342,22 @@ def test_a_larger_budget_gives_more_reads_in_flight(budget_ckpt, monkeypatch):
     # diff shares its budget and the cores between its two sides, each with its own reads.
     assert reads_in_flight(lambda p, **kw: nw.diff(p, p, **kw), max_memory="72MiB") == {2}
     assert reads_in_flight(lambda p, **kw: nw.diff(p, p, **kw), max_memory="1GiB") == {8}
+    # convert reads as stats does, and writes the arrays in their order whatever the reads.
+    written = {}
+    for budget, expected in (("36MiB", {1}), ("1GiB", {8})):
+        dst = tmp_path / budget  # three shards of 3 MiB
+        convert = functools.partial(nw.convert, dst=dst, to="safetensors", max_shard_size="3MiB")
+        assert reads_in_flight(convert, max_memory=budget) == expected
+        written[budget] = {}
+        for file in sorted(dst.glob("*.safetensors")):
+            with safetensors.safe_open(file, framework="numpy") as f:
+                written[budget].update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        assert len(written[budget]) == 9
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        w = rng.standard_normal((256, 1024)).astype(np.float32)
+        for budget in written:
+            np.testing.assert_array_equal(written[budget][f"w{i}"], w)
     # A callable without the keyword is called as before.
     calls: list[tuple[int, int]] = []
     nw.stats(budget_ckpt, progress=lambda d, t: calls.append((d, t)), max_memory="1GiB")

@@ -1,0 +1,1 @@
+# Changed for nnx-ckpt-widgets' tests: upstream imports every model here; see ../README.md.
