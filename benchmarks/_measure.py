@@ -80,14 +80,18 @@ def alternate(
     reference: Callable[[], Any],
     repeats: int,
     warmup: int = 1,
+    setup: Callable[[], Any] | None = None,
 ) -> tuple[float, float]:
-    """Median wall times of ``ours`` and ``reference``, run turn about after a warm-up."""
+    """Median wall times of ``ours`` and ``reference``, run turn about after a warm-up;
+    ``setup`` runs, untimed, before each call."""
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     for i in range(warmup + repeats):
         order = (("ours", ours), ("reference", reference))
         if i % 2:
             order = order[::-1]
         for name, fn in order:
+            if setup is not None:
+                setup()
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
