@@ -27,6 +27,7 @@ from nnx_ckpt_widgets._text import (
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.compare import KeyStatus, LoadReport
+    from nnx_ckpt_widgets.convert import ConvertedKey, ConvertPlan
     from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "human_bytes",
     "info_html",
     "info_text",
+    "plan_html",
     "report_html",
     "report_text",
     "shape_text",
@@ -325,4 +327,103 @@ def report_html(report: LoadReport) -> str:
         f"<div>{counts}</div>"
         + "".join(f"<div>note: {esc(note)}</div>" for note in report.notes)
         + f"<div><b>{esc(report.advice)}</b></div></div>"
+    )
+
+
+# Rows of a convert plan's table before the rest is summed up in one line: str(plan) lists all.
+PLAN_ROWS = 200
+
+
+def _plan_marks(key: ConvertedKey) -> str:
+    """What happens to a key on the way out: ``cast from float32``, ``transformed``,
+    ``stacked`` or ``unstacked``."""
+    marks = []
+    if key.layers is not None:
+        marks.append("stacked" if key.layers.kind == "stack" else "unstacked")
+    if key.transformed:
+        marks.append("transformed")
+    if key.cast:
+        marks.append(f"cast from {key.value_dtype}" if key.value_dtype else "cast")
+    return ", ".join(marks)
+
+
+def _plan_groups(plan: ConvertPlan) -> list[tuple[str, str, list[ConvertedKey]]]:
+    """``(key pattern, source pattern, keys)``: keys of one file, shape, dtype and marks whose
+    names differ only in layer indices fold into one row, as the load report folds them."""
+    sep = "." if plan.format == "safetensors" else _keypaths.SEP
+    rows: list[tuple[str, str, list[ConvertedKey]]] = []
+    run: list[ConvertedKey] = []
+
+    def flush() -> None:
+        by_path = {tuple(k.key.split(sep)): k for k in run}
+        for pattern, members in _keypaths.fold(by_path):
+            group = [by_path[m] for m in members]
+            # Parts never hold the separator (convert splits on it), so "/" is safe to swap.
+            shown = pattern if sep == _keypaths.SEP else pattern.replace(_keypaths.SEP, sep)
+            sources = _keypaths.fold(_keypaths.split(k.source) for k in group if k.renamed)
+            source = sources[0][0] if len(sources) == 1 else ", ".join(p for p, _ in sources)
+            rows.append((shown, source, group))
+        run.clear()
+
+    def signature(k: ConvertedKey) -> tuple:
+        return (k.file, k.shape, k.dtype, _plan_marks(k), k.renamed)
+
+    for key in plan.keys:
+        if run and signature(run[0]) != signature(key):
+            flush()
+        run.append(key)
+    if run:
+        flush()
+    return rows
+
+
+def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS) -> str:
+    """A convert plan as an escaped HTML table: one row per key (layer indices folded), with
+    its file, shape, dtype, bytes, the source key when ``rename`` changed it, and what happens
+    to it on the way out. Past ``max_rows`` rows, one line says how many more."""
+    files = plan.format == "safetensors"
+    renamed = any(k.renamed for k in plan.keys)
+    marked = any(_plan_marks(k) for k in plan.keys)
+    heads = (["file"] if files else []) + ["key", "shape", "dtype", "bytes"]
+    heads += (["from"] if renamed else []) + (["notes"] if marked else [])
+    head = "".join(f"<th style='{_WHOLE}'>{esc(h)}</th>" for h in heads)
+    groups = _plan_groups(plan)
+    rows = []
+    for pattern, source, group in groups[:max_rows]:
+        first = group[0]
+        count = f"{len(group)} × " if len(group) > 1 else ""
+        cells = [(first.file or "", _WHOLE)] if files else []
+        cells += [
+            (pattern, _KEY),
+            (count + shape_text(first.shape), _WHOLE),
+            (first.dtype, _WHOLE),
+            (human_bytes(sum(k.nbytes for k in group)), _WHOLE + ";text-align:right"),
+        ]
+        if renamed:
+            cells.append((source, _KEY))
+        if marked:
+            cells.append((_plan_marks(first), _WHOLE))
+        rows.append("<tr>" + "".join(f"<td style='{css}'>{esc(t)}</td>" for t, css in cells))
+    more = ""
+    if len(groups) > max_rows:
+        rest = sum(len(group) for _, _, group in groups[max_rows:])
+        more = (
+            f"<div class='nnx-ckpt-dim'>… and {len(groups) - max_rows:,} more rows "
+            f"({rest:,} arrays): str(plan) lists every key.</div>"
+        )
+    lines = []
+    for file, names in plan.files.items():
+        size = sum(k.nbytes for k in plan.keys if k.file == file)
+        tensors = f"{len(names)} tensor" + ("" if len(names) == 1 else "s")
+        lines.append(f"{file}: {tensors}, {human_bytes(size)}")
+    lines.extend(plan.other_files)
+    return (
+        f'<div class="nnx-ckpt-plan" style="{BOX_STYLE}">'
+        f"<b>{esc(plan.summary())}</b>"
+        + "".join(f"<div>{esc(line)}</div>" for line in lines)
+        + f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
+        "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"<tr>{head}</tr>{'</tr>'.join(rows)}{'</tr>' if rows else ''}</table></div>"
+        f"{more}</div>"
     )
