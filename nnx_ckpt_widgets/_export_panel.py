@@ -256,7 +256,9 @@ class ExportPanel(w.VBox):
             else:
                 self.result = plan
                 elapsed = self._worker.elapsed or 0.0
-                self._set_status("done", plan.summary(), f"in {elapsed:.2f} s")
+                # The outcome is a sentence; the status adds the time after it, without its
+                # stop, as the Restore panel does.
+                self._set_status("done", plan.summary()[:-1], f"in {elapsed:.2f} s")
 
         return lambda: self._show(generation, done)
 

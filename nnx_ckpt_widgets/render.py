@@ -419,7 +419,8 @@ def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS) -> str:
     lines.extend(plan.other_files)
     return (
         f'<div class="nnx-ckpt-plan" style="{BOX_STYLE}">'
-        f"<b>{esc(plan.summary())}</b>"
+        # Bold by style, with no <b> tag: a <b> in the output can only be escaping gone wrong.
+        f"<div style='font-weight:600'>{esc(plan.summary())}</div>"
         + "".join(f"<div>{esc(line)}</div>" for line in lines)
         + f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
         "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
