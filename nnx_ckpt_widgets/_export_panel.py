@@ -31,12 +31,16 @@ from nnx_ckpt_widgets import _keypaths, _text
 from nnx_ckpt_widgets._display import ProgressRow, Worker, one_line
 from nnx_ckpt_widgets.convert import FORMATS, ConvertPlan, convert
 from nnx_ckpt_widgets.metadata import CheckpointInfo
-from nnx_ckpt_widgets.render import esc
+from nnx_ckpt_widgets.render import esc, plan_html
 
 # The selected node's key paths (all its folded copies), or None when nothing is selected.
 Selected = Callable[[], tuple[str, list[_keypaths.KeyPath]] | None]
 
 __all__ = ["ExportPanel", "select_pattern"]
+
+_DESTINATION_TIP = (
+    "where Export writes: a new local folder or gs:// URL (empty: nothing is written)"
+)
 
 
 def select_pattern(paths: list[_keypaths.KeyPath]) -> str:
@@ -86,23 +90,23 @@ class ExportPanel(w.VBox):
             style=labels,
             layout=w.Layout(width="auto"),
         )
+        # No description: ipywidgets then puts the tooltip on the input itself, where it shows
+        # the whole destination when a long path scrolls inside the box.
         self.destination = w.Text(
             value="",
-            placeholder="folder or gs://bucket/path",
-            description="to",
-            style=labels,
-            tooltip="where to write: a local folder or a gs:// URL (it must not exist)",
-            layout=w.Layout(width="auto", flex="1 1 16em", min_width="12em"),
+            placeholder="destination: a folder or gs://bucket/path",
+            tooltip=_DESTINATION_TIP,
+            layout=w.Layout(width="auto", flex="1 1 18em", min_width="12em"),
         )
         self.destination.add_class("nnx-ckpt-export-dst")
         self.subtree = w.Checkbox(value=False, description="selected subtree only", indent=False)
         self.subtree.layout.width = "auto"
         self.shard_size = w.Text(
             value="5GB",
-            description="shards",
+            description="shard size",
             style=labels,
             tooltip="max_shard_size: bytes per safetensors file, e.g. 5GB or 500MiB",
-            layout=w.Layout(width="11em"),
+            layout=w.Layout(width="13em"),
         )
         self.overwrite = w.Checkbox(value=False, description="overwrite", indent=False)
         self.overwrite.layout.width = "auto"
@@ -130,6 +134,10 @@ class ExportPanel(w.VBox):
         self.bar, self.bar_text, self.progress = self._row.bar, self._row.text, self._row.box
         self.status_html = w.HTML()
         self.plan_html = w.HTML()
+        # Each option keeps a gap after it: a checkbox's label must not read as the next
+        # option's ("selected subtree only shard size").
+        for option in (self.format, self.destination, self.subtree, self.shard_size):
+            option.layout.margin = "2px 14px 2px 2px"
         row = w.Layout(flex_flow="row wrap", align_items="center")
         self.options_box = w.HBox(
             [self.format, self.destination, self.subtree, self.shard_size, self.overwrite],
@@ -184,6 +192,7 @@ class ExportPanel(w.VBox):
         return kwargs
 
     def _options_changed(self, _change: Any = None) -> None:
+        self.destination.tooltip = self.destination.value.strip() or _DESTINATION_TIP
         self._enable(not self.running)
         self.clear()
 
@@ -250,7 +259,8 @@ class ExportPanel(w.VBox):
 
         def done() -> None:
             self.plan = plan
-            self.plan_html.value = plan._repr_html_()
+            # The plan's own table (its _repr_html_), but its summary is the status line.
+            self.plan_html.value = plan_html(plan, title=False)
             if dry_run:
                 self._set_status("planned", plan.summary())
             else:

@@ -377,10 +377,17 @@ def _plan_groups(plan: ConvertPlan) -> list[tuple[str, str, list[ConvertedKey]]]
     return rows
 
 
-def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS) -> str:
+def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS, *, title: bool = True) -> str:
     """A convert plan as an escaped HTML table: one row per key (layer indices folded), with
     its file, shape, dtype, bytes, the source key when ``rename`` changed it, and what happens
-    to it on the way out. Past ``max_rows`` rows, one line says how many more."""
+    to it on the way out. Past ``max_rows`` rows, one line says how many more.
+
+    Args:
+      plan: the plan.
+      max_rows: rows shown before the rest is summed up in one line.
+      title: start with the plan's summary; the browser's Export panel says it in its status
+        line instead, once.
+    """
     files = plan.format == "safetensors"
     renamed = any(k.renamed for k in plan.keys)
     marked = any(_plan_marks(k) for k in plan.keys)
@@ -420,7 +427,7 @@ def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS) -> str:
     return (
         f'<div class="nnx-ckpt-plan" style="{BOX_STYLE}">'
         # Bold by style, with no <b> tag: a <b> in the output can only be escaping gone wrong.
-        f"<div style='font-weight:600'>{esc(plan.summary())}</div>"
+        + (f"<div style='font-weight:600'>{esc(plan.summary())}</div>" if title else "")
         + "".join(f"<div>{esc(line)}</div>" for line in lines)
         + f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
         "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 
 import nnx_ckpt_widgets as ncw
-from nnx_ckpt_widgets import CheckpointBrowser
+from nnx_ckpt_widgets import CheckpointBrowser, render
 from nnx_ckpt_widgets._display import PROGRESS_AFTER
 from nnx_ckpt_widgets._export_panel import select_pattern
 from nnx_ckpt_widgets.errors import InvalidArgumentError
@@ -113,7 +113,9 @@ def test_plan_shows_the_keys_and_writes_nothing(ckpt, tmp_path):
         panel.status == f"Will write 8 arrays ({plan.total_size} B) in 1 safetensors file to {dst}."
     )
     shown = panel.plan_html.value
-    assert shown == plan._repr_html_()
+    # The plan's own table, its summary said once, in the status line.
+    assert shown == render.plan_html(plan, title=False) and plan.summary() not in shown
+    assert plan.summary() in plan._repr_html_() and "<table" in shown
     for key in ("layers.{0..3}.kernel", "layers_norm.scale", "head.w", "head.b", "head.n"):
         assert f">{key}<" in shown, key
     assert ">4 × (3, 4)<" in shown and ">bfloat16<" in shown
