@@ -379,8 +379,13 @@ def _plan_groups(plan: ConvertPlan) -> list[tuple[str, str, list[ConvertedKey]]]
 
 def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS, *, title: bool = True) -> str:
     """A convert plan as an escaped HTML table: one row per key (layer indices folded), with
-    its file, shape, dtype, bytes, the source key when ``rename`` changed it, and what happens
-    to it on the way out. Past ``max_rows`` rows, one line says how many more.
+    its shape, dtype and bytes, the source key under it when ``rename`` changed it, and what
+    happens to it on the way out; safetensors rows under a row naming their file. Past
+    ``max_rows`` rows, one line says how many more.
+
+    The table is narrow on purpose (files as rows of their own, the source under the key,
+    notes that wrap between words): it must fit a notebook beside JupyterLab's file browser
+    at 800 px, where a sideways scrollbar would sit below a long table, out of sight.
 
     Args:
       plan: the plan.
@@ -388,29 +393,37 @@ def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS, *, title: bool = Tru
       title: start with the plan's summary; the browser's Export panel says it in its status
         line instead, once.
     """
-    files = plan.format == "safetensors"
-    renamed = any(k.renamed for k in plan.keys)
     marked = any(_plan_marks(k) for k in plan.keys)
-    heads = (["file"] if files else []) + ["key", "shape", "dtype", "bytes"]
-    heads += (["from"] if renamed else []) + (["notes"] if marked else [])
+    heads = ["key", "shape", "dtype", "bytes"] + (["notes"] if marked else [])
     head = "".join(f"<th style='{_WHOLE}'>{esc(h)}</th>" for h in heads)
     groups = _plan_groups(plan)
     rows = []
+    file = None
     for pattern, source, group in groups[:max_rows]:
         first = group[0]
+        if first.file is not None and first.file != file:
+            file = first.file
+            names = plan.files.get(file, ())
+            size = sum(k.nbytes for k in plan.keys if k.file == file)
+            tensors = f"{len(names)} tensor" + ("" if len(names) == 1 else "s")
+            rows.append(
+                f"<tr class='nnx-ckpt-plan-file'><td colspan='{len(heads)}' "
+                f"style='font-weight:600;{_KEY}'>{esc(f'{file}: {tensors}, {human_bytes(size)}')}"
+                "</td></tr>"
+            )
         count = f"{len(group)} × " if len(group) > 1 else ""
-        cells = [(first.file or "", _WHOLE)] if files else []
-        cells += [
-            (pattern, _KEY),
-            (count + shape_text(first.shape), _WHOLE),
-            (first.dtype, _WHOLE),
-            (human_bytes(sum(k.nbytes for k in group)), _WHOLE + ";text-align:right"),
+        key = esc(pattern)
+        if source:
+            key += f"<div class='nnx-ckpt-dim'>from {esc(source)}</div>"
+        cells = [
+            (key, _KEY),
+            (esc(count + shape_text(first.shape)), _WHOLE),
+            (esc(first.dtype), _WHOLE),
+            (esc(human_bytes(sum(k.nbytes for k in group))), _WHOLE + ";text-align:right"),
         ]
-        if renamed:
-            cells.append((source, _KEY))
         if marked:
-            cells.append((_plan_marks(first), _WHOLE))
-        rows.append("<tr>" + "".join(f"<td style='{css}'>{esc(t)}</td>" for t, css in cells))
+            cells.append((esc(_plan_marks(first)), "min-width:11ch"))
+        rows.append("<tr>" + "".join(f"<td style='{css}'>{t}</td>" for t, css in cells) + "</tr>")
     more = ""
     if len(groups) > max_rows:
         rest = sum(len(group) for _, _, group in groups[max_rows:])
@@ -418,20 +431,14 @@ def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS, *, title: bool = Tru
             f"<div class='nnx-ckpt-dim'>… and {len(groups) - max_rows:,} more rows "
             f"({rest:,} arrays): str(plan) lists every key.</div>"
         )
-    lines = []
-    for file, names in plan.files.items():
-        size = sum(k.nbytes for k in plan.keys if k.file == file)
-        tensors = f"{len(names)} tensor" + ("" if len(names) == 1 else "s")
-        lines.append(f"{file}: {tensors}, {human_bytes(size)}")
-    lines.extend(plan.other_files)
+    also = f"<div>also: {esc(', '.join(plan.other_files))}</div>" if plan.other_files else ""
     return (
         f'<div class="nnx-ckpt-plan" style="{BOX_STYLE}">'
         # Bold by style, with no <b> tag: a <b> in the output can only be escaping gone wrong.
         + (f"<div style='font-weight:600'>{esc(plan.summary())}</div>" if title else "")
-        + "".join(f"<div>{esc(line)}</div>" for line in lines)
         + f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
         "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
         "overflow-wrap:normal;word-break:normal'>"
-        f"<tr>{head}</tr>{'</tr>'.join(rows)}{'</tr>' if rows else ''}</table></div>"
-        f"{more}</div>"
+        f"<tr>{head}</tr>{''.join(rows)}</table></div>"
+        f"{also}{more}</div>"
     )

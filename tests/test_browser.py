@@ -1026,8 +1026,9 @@ def test_export_panel_plans_then_writes(server, browser_page):
     assert status.inner_text() == f"Will write 5 arrays (224 B) in 1 safetensors file to {dst}."
     rows = widget.locator(".nnx-ckpt-plan tr").all_inner_texts()
     cells = [re.split(r"\t", row) for row in rows]
-    assert cells[0] == ["file", "key", "shape", "dtype", "bytes"], cells
-    keys = {row[1] for row in cells[1:]}
+    assert cells[0] == ["key", "shape", "dtype", "bytes"], cells
+    assert cells[1] == ["model.safetensors: 5 tensors, 224 B"], cells  # the file, then its keys
+    keys = {row[0] for row in cells[2:]}
     assert keys == {"head.w", "layers.{0..3}.kernel"}, cells
     assert not dst.exists()  # a plan writes nothing
     _audit(page, "lab/light/export-planned")

@@ -141,6 +141,11 @@ def test_export_writes_safetensors_read_back_bit_for_bit(ckpt, tmp_path):
         panel.status,
     )
     assert len(plan.files) > 1 and (tmp_path / "hub" / "model.safetensors.index.json").exists()
+    # The table names each file in a row of its own, above its keys.
+    shown = panel.plan_html.value
+    assert shown.count("nnx-ckpt-plan-file") == len(plan.files)
+    assert all(f">{file}: " in shown for file in plan.files)
+    assert "also: model.safetensors.index.json" in shown
     assert "in " in panel.status_html.value and panel.result is plan
     arrays = read_safetensors(tmp_path / "hub")
     assert_bits_equal(flat(tree()), arrays)
@@ -164,7 +169,7 @@ def test_export_to_orbax_restores_bit_for_bit(tmp_path, fmt):
     browser.wait(60)
     plan = panel.plan
     assert plan is not None and plan.written, panel.status
-    assert "file" not in panel.plan_html.value.split("<table", 1)[1].split("</tr>", 1)[0]
+    assert "nnx-ckpt-plan-file" not in panel.plan_html.value  # Orbax has no files to name
     other = MLP(rngs=nnx.Rngs(0))
     ncw.restore(tmp_path / "out", other)
     assert_same_arrays(model, other)
@@ -195,6 +200,34 @@ def test_selected_subtree_only_exports_exactly_that_subtree(ckpt, tmp_path):
     # Another selection drops a plan of the selected subtree.
     browser.tree.select("head")
     assert panel.plan is None and panel.plan_html.value == ""
+
+
+def test_plan_table_marks_renames_casts_transforms_and_clips(ckpt):
+    plan = ncw.convert(
+        ckpt,
+        "unused",
+        to="safetensors",
+        rename={r"^head/": "out/"},
+        transform={r"^out/n$": lambda a: a.T},
+        cast="bfloat16",
+        dry_run=True,
+    )
+    table = render.plan_html(plan)
+    assert "<th style='white-space:nowrap'>notes</th>" in table
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    by_key = {re.sub(r"<.*", "", re.sub(r"^<td[^>]*>", "", row)): row for row in rows[1:]}
+    assert "'>from head/w<" in by_key["out.w"] and ">bfloat16<" in by_key["out.w"]
+    assert "cast from float32" in by_key["out.b"]
+    assert ">transformed<" in by_key["out.n"] and ">(3, 2)<" in by_key["out.n"]  # transposed
+    assert ">int32<" in by_key["out.n"]  # integers are not cast
+    assert ">cast from float32<" in by_key["layers.{0..3}.kernel"]
+    assert ">cast from float16<" in by_key["layers_norm.scale"]
+    assert "'>from " not in by_key["layers.{0..3}.kernel"]  # not renamed: no source shown
+    # Past max_rows, one line says how many more rows and arrays; str(plan) lists them all.
+    clipped = render.plan_html(plan, max_rows=2)
+    assert len(re.findall(r"<tr>", clipped)) == 3  # the header and two rows
+    assert re.search(r"… and \d+ more rows \(\d+ arrays\): str\(plan\) lists every key", clipped)
+    assert all(k.key in str(plan) for k in plan.keys)
 
 
 def test_select_pattern_is_anchored_and_escaped():
