@@ -30,7 +30,8 @@ STYLE = f"""<style>
   scrollbar-color: var(--jp-border-color1, #999) transparent;
 }}
 .nnx-ckpt .nnx-ckpt-report th, .nnx-ckpt .nnx-ckpt-report td,
-.nnx-ckpt .nnx-ckpt-values-table th, .nnx-ckpt .nnx-ckpt-values-table td {{
+.nnx-ckpt .nnx-ckpt-values-table th, .nnx-ckpt .nnx-ckpt-values-table td,
+.nnx-ckpt .nnx-ckpt-plan th, .nnx-ckpt .nnx-ckpt-plan td {{
   padding: 1px 14px 1px 0; vertical-align: top;
 }}
 /* ipywidgets gives HTML content the line height of a control (28 px): text reads better at 1.45.
@@ -45,14 +46,18 @@ STYLE = f"""<style>
 .nnx-ckpt .nnx-ckpt-dim {{ color: var(--jp-ui-font-color2, #59636e); }}
 .nnx-ckpt .nnx-ckpt-text {{ {MONO}; overflow-wrap: anywhere; word-break: break-word; }}
 .nnx-ckpt .nnx-ckpt-status[data-state="running"],
-.nnx-ckpt .nnx-ckpt-values-status[data-state="running"] {{ color: {COLOURS["running"]}; }}
+.nnx-ckpt .nnx-ckpt-values-status[data-state="running"],
+.nnx-ckpt .nnx-ckpt-export-status[data-state="running"] {{ color: {COLOURS["running"]}; }}
 .nnx-ckpt .nnx-ckpt-status[data-state="done"],
-.nnx-ckpt .nnx-ckpt-values-status[data-state="done"] {{ color: {COLOURS["done"]}; }}
+.nnx-ckpt .nnx-ckpt-values-status[data-state="done"],
+.nnx-ckpt .nnx-ckpt-export-status[data-state="done"] {{ color: {COLOURS["done"]}; }}
 .nnx-ckpt .nnx-ckpt-status[data-state="failed"],
 .nnx-ckpt .nnx-ckpt-values-status[data-state="failed"],
+.nnx-ckpt .nnx-ckpt-export-status[data-state="failed"],
 .nnx-ckpt .nnx-ckpt-error {{ color: {COLOURS["failed"]}; }}
 .nnx-ckpt .nnx-ckpt-status[data-state="warn"],
-.nnx-ckpt .nnx-ckpt-values-status[data-state="warn"] {{ color: {COLOURS["warn"]}; }}
+.nnx-ckpt .nnx-ckpt-values-status[data-state="warn"],
+.nnx-ckpt .nnx-ckpt-export-status[data-state="warn"] {{ color: {COLOURS["warn"]}; }}
 .nnx-ckpt .widget-button, .nnx-ckpt .widget-toggle-button {{ flex-shrink: 0; }}
 .nnx-ckpt button.nnx-ckpt-name {{
   flex-shrink: 1; min-width: 3em; text-align: left; color: var(--jp-ui-font-color1, #1f2328);

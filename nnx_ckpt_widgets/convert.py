@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import json
 import os
 import re
@@ -199,7 +198,9 @@ class ConvertPlan:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        return f"<pre>{html.escape(str(self))}</pre>"  # keys come from checkpoints: escaped
+        from nnx_ckpt_widgets import render
+
+        return render.plan_html(self)  # keys come from checkpoints: escaped there
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON (the CLI's ``--json``)."""

@@ -27,6 +27,7 @@ from nnx_ckpt_widgets._text import (
 
 if TYPE_CHECKING:
     from nnx_ckpt_widgets.compare import KeyStatus, LoadReport
+    from nnx_ckpt_widgets.convert import ConvertedKey, ConvertPlan
     from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "human_bytes",
     "info_html",
     "info_text",
+    "plan_html",
     "report_html",
     "report_text",
     "shape_text",
@@ -325,4 +327,118 @@ def report_html(report: LoadReport) -> str:
         f"<div>{counts}</div>"
         + "".join(f"<div>note: {esc(note)}</div>" for note in report.notes)
         + f"<div><b>{esc(report.advice)}</b></div></div>"
+    )
+
+
+# Rows of a convert plan's table before the rest is summed up in one line: str(plan) lists all.
+PLAN_ROWS = 200
+
+
+def _plan_marks(key: ConvertedKey) -> str:
+    """What happens to a key on the way out: ``cast from float32``, ``transformed``,
+    ``stacked`` or ``unstacked``."""
+    marks = []
+    if key.layers is not None:
+        marks.append("stacked" if key.layers.kind == "stack" else "unstacked")
+    if key.transformed:
+        marks.append("transformed")
+    if key.cast:
+        marks.append(f"cast from {key.value_dtype}" if key.value_dtype else "cast")
+    return ", ".join(marks)
+
+
+def _plan_groups(plan: ConvertPlan) -> list[tuple[str, str, list[ConvertedKey]]]:
+    """``(key pattern, source pattern, keys)``: keys of one file, shape, dtype and marks whose
+    names differ only in layer indices fold into one row, as the load report folds them."""
+    sep = "." if plan.format == "safetensors" else _keypaths.SEP
+    rows: list[tuple[str, str, list[ConvertedKey]]] = []
+    run: list[ConvertedKey] = []
+
+    def flush() -> None:
+        by_path = {tuple(k.key.split(sep)): k for k in run}
+        for pattern, members in _keypaths.fold(by_path):
+            group = [by_path[m] for m in members]
+            # Parts never hold the separator (convert splits on it), so "/" is safe to swap.
+            shown = pattern if sep == _keypaths.SEP else pattern.replace(_keypaths.SEP, sep)
+            sources = _keypaths.fold(_keypaths.split(k.source) for k in group if k.renamed)
+            source = sources[0][0] if len(sources) == 1 else ", ".join(p for p, _ in sources)
+            rows.append((shown, source, group))
+        run.clear()
+
+    def signature(k: ConvertedKey) -> tuple:
+        return (k.file, k.shape, k.dtype, _plan_marks(k), k.renamed)
+
+    for key in plan.keys:
+        if run and signature(run[0]) != signature(key):
+            flush()
+        run.append(key)
+    if run:
+        flush()
+    return rows
+
+
+def plan_html(plan: ConvertPlan, max_rows: int = PLAN_ROWS, *, title: bool = True) -> str:
+    """A convert plan as an escaped HTML table: one row per key (layer indices folded), with
+    its shape, dtype and bytes, the source key under it when ``rename`` changed it, and what
+    happens to it on the way out; safetensors rows under a row naming their file. Past
+    ``max_rows`` rows, one line says how many more.
+
+    The table is narrow on purpose (files as rows of their own, the source under the key,
+    notes that wrap between words): it must fit a notebook beside JupyterLab's file browser
+    at 800 px, where a sideways scrollbar would sit below a long table, out of sight.
+
+    Args:
+      plan: the plan.
+      max_rows: rows shown before the rest is summed up in one line.
+      title: start with the plan's summary; the browser's Export panel says it in its status
+        line instead, once.
+    """
+    marked = any(_plan_marks(k) for k in plan.keys)
+    heads = ["key", "shape", "dtype", "bytes"] + (["notes"] if marked else [])
+    head = "".join(f"<th style='{_WHOLE}'>{esc(h)}</th>" for h in heads)
+    groups = _plan_groups(plan)
+    rows = []
+    file = None
+    for pattern, source, group in groups[:max_rows]:
+        first = group[0]
+        if first.file is not None and first.file != file:
+            file = first.file
+            names = plan.files.get(file, ())
+            size = sum(k.nbytes for k in plan.keys if k.file == file)
+            tensors = f"{len(names)} tensor" + ("" if len(names) == 1 else "s")
+            rows.append(
+                f"<tr class='nnx-ckpt-plan-file'><td colspan='{len(heads)}' "
+                f"style='font-weight:600;{_KEY}'>{esc(f'{file}: {tensors}, {human_bytes(size)}')}"
+                "</td></tr>"
+            )
+        count = f"{len(group)} × " if len(group) > 1 else ""
+        key = esc(pattern)
+        if source:
+            key += f"<div class='nnx-ckpt-dim'>from {esc(source)}</div>"
+        cells = [
+            (key, _KEY),
+            (esc(count + shape_text(first.shape)), _WHOLE),
+            (esc(first.dtype), _WHOLE),
+            (esc(human_bytes(sum(k.nbytes for k in group))), _WHOLE + ";text-align:right"),
+        ]
+        if marked:
+            cells.append((esc(_plan_marks(first)), "min-width:11ch"))
+        rows.append("<tr>" + "".join(f"<td style='{css}'>{t}</td>" for t, css in cells) + "</tr>")
+    more = ""
+    if len(groups) > max_rows:
+        rest = sum(len(group) for _, _, group in groups[max_rows:])
+        more = (
+            f"<div class='nnx-ckpt-dim'>… and {len(groups) - max_rows:,} more rows "
+            f"({rest:,} arrays): str(plan) lists every key.</div>"
+        )
+    also = f"<div>also: {esc(', '.join(plan.other_files))}</div>" if plan.other_files else ""
+    return (
+        f'<div class="nnx-ckpt-plan" style="{BOX_STYLE}">'
+        # Bold by style, with no <b> tag: a <b> in the output can only be escaping gone wrong.
+        + (f"<div style='font-weight:600'>{esc(plan.summary())}</div>" if title else "")
+        + f"<div class='nnx-ckpt-scroll nnx-ckpt-table-pane' style='{_PANE}'>"
+        "<table style='border-collapse:collapse;text-align:left;table-layout:auto;"
+        "overflow-wrap:normal;word-break:normal'>"
+        f"<tr>{head}</tr>{''.join(rows)}</table></div>"
+        f"{also}{more}</div>"
     )

@@ -20,6 +20,8 @@ import traitlets
 
 from nnx_ckpt_widgets import _text, render
 from nnx_ckpt_widgets._display import full_text_bundle, one_line, stylesheet
+from nnx_ckpt_widgets._export_panel import ExportPanel
+from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._restore_panel import RestorePanel
 from nnx_ckpt_widgets._side_by_side import SideBySide, compare_states
 from nnx_ckpt_widgets._tree_view import TreeView
@@ -34,6 +36,10 @@ __all__ = ["CheckpointBrowser", "SideBySide", "compare_states"]
 
 class CheckpointBrowser(w.VBox):
     """Browse a checkpoint from its metadata and, given a model, restore it into the model.
+
+    Below the tree, the Values panel reads the selected arrays; the Export panel
+    (``export_panel``) shows :func:`~nnx_ckpt_widgets.convert`'s plan for the shown step and
+    item (``plan_button``) and writes it to safetensors or Orbax (``export_button``).
 
     Args:
       path: a checkpoint folder, a ``CheckpointManager`` root, or one of its step folders;
@@ -125,6 +131,8 @@ class CheckpointBrowser(w.VBox):
             self.status = self.panel.status
         self.values = ValuesPanel(self.info, self._selected_leaves)
         self.values.observe(self._panel_changed, names=["running"])
+        self.export_panel = ExportPanel(self.info, self._selected_paths)
+        self.export_panel.observe(self._panel_changed, names=["running"])
         self._fill_selectors()
         self.step_selector.observe(self._selection_changed, "value")
         self.item_selector.observe(self._selection_changed, "value")
@@ -153,8 +161,10 @@ class CheckpointBrowser(w.VBox):
         return self.panel.result or self.panel.report
 
     def wait(self, timeout: float | None = None) -> LoadReport | None:
-        """Block until a running restore or values read ends; see :meth:`RestorePanel.wait`."""
+        """Block until a running restore, values read, plan or export ends; see
+        :meth:`RestorePanel.wait`."""
         self.values.wait(timeout)
+        self.export_panel.wait(timeout)
         return None if self.panel is None else self.panel.wait(timeout)
 
     @property
@@ -162,6 +172,25 @@ class CheckpointBrowser(w.VBox):
         """The Values button: ``values_button.click()`` then :meth:`wait` reads the values of
         the selected subtree (the whole checkpoint when nothing is selected)."""
         return self.values.values_button
+
+    @property
+    def plan_button(self) -> w.Button:
+        """The Plan button of the Export panel: ``plan_button.click()`` then :meth:`wait` shows
+        what Export would write (``convert(..., dry_run=True)``), writing nothing."""
+        return self.export_panel.plan_button
+
+    @property
+    def export_button(self) -> w.Button:
+        """The Export button: with a destination typed in ``export_panel.destination``,
+        ``export_button.click()`` then :meth:`wait` converts the shown step and item with
+        :func:`~nnx_ckpt_widgets.convert`; disabled (a click does nothing) until then."""
+        return self.export_panel.export_button
+
+    def _selected_paths(self) -> tuple[str, list[KeyPath]] | None:
+        """The selected node's name and key paths (all its folded copies); None when nothing
+        is selected."""
+        node = self.tree.selected_node
+        return None if node is None else (node.name, list(node.paths))
 
     def _selected_leaves(self) -> tuple[str, list[LeafInfo]]:
         """The selected node's name and every array under it (all its folded copies)."""
@@ -203,8 +232,7 @@ class CheckpointBrowser(w.VBox):
 
     def _selection_changed(self, change: dict[str, Any]) -> None:
         step, item = self.step_selector.value, self.item_selector.value
-        busy = self.values.running or (self.panel is not None and self.panel.running)
-        if self._filling or busy:
+        if self._filling or self._busy():
             return
         if change["owner"] is self.step_selector:
             if step == self.info.step:
@@ -229,6 +257,7 @@ class CheckpointBrowser(w.VBox):
         if self.panel is not None:
             self.panel.set_info(self.info)
         self.values.set_info(self.info)
+        self.export_panel.set_info(self.info)
         self._fill_selectors()
         self._render_header()
         self._layout()
@@ -236,8 +265,10 @@ class CheckpointBrowser(w.VBox):
     def _new_tree(self) -> TreeView:
         """The tree of ``self.info``; selecting another node clears the Values panel."""
         tree = TreeView(self.info, **self._tree_options)
-        # The Values panel's results are about the node selected when they were read.
+        # The Values panel's results are about the node selected when they were read, and so
+        # is an Export panel's plan of the selected subtree.
         tree.observe(lambda _change: self.values.clear(), "selected")
+        tree.observe(lambda _change: self.export_panel.selection_changed(), "selected")
         return tree
 
     def _set_error(self, err: CheckpointError | None, text: str = "") -> None:
@@ -252,8 +283,12 @@ class CheckpointBrowser(w.VBox):
         if change["name"] == "status":
             self.status = change["new"]
         else:
-            busy = self.values.running or (self.panel is not None and self.panel.running)
-            self.step_selector.disabled = self.item_selector.disabled = busy
+            self.step_selector.disabled = self.item_selector.disabled = self._busy()
+
+    def _busy(self) -> bool:
+        """True while any panel reads or writes: the step and item stay as they are."""
+        restoring = self.panel is not None and self.panel.running
+        return self.values.running or self.export_panel.running or restoring
 
     def _render_header(self) -> None:
         info = self.info
@@ -282,6 +317,7 @@ class CheckpointBrowser(w.VBox):
         children.append(self.values)
         if self.panel is not None:
             children.append(self.panel)
+        children.append(self.export_panel)
         self.children = children
 
     def __repr__(self) -> str:
@@ -305,6 +341,8 @@ class CheckpointBrowser(w.VBox):
         lines.extend("  " + line for line in self.tree.text(20).splitlines())
         if self.values.stats_report is not None or self.values.diff_report is not None:
             lines.append(f"values: {self.values.status}")
+        if self.export_panel.plan is not None or self.export_panel.error is not None:
+            lines.append(f"export: {self.export_panel.status}")
         if self.panel is not None:
             report = self.panel.report
             lines.append(f"load report: {_text.count_text(report.counts)}")

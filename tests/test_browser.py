@@ -986,6 +986,80 @@ def test_long_restore_shows_progress(server, browser_page):
     assert any(d not in ("0 B", "1.0 GiB") for d in done), seen
 
 
+EXPORT_CELLS = [
+    MODEL_CODE
+    + """
+def export_tree():
+    kernel = np.arange(12, dtype=np.float32).reshape(3, 4)
+    layers = {str(i): {"kernel": kernel + i} for i in range(4)}
+    return {"layers": layers, "head": {"w": np.linspace(-1, 1, 8, dtype=np.float32)}}
+
+
+with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(Path("export_src").resolve(), export_tree())
+browser = ncw.CheckpointBrowser(Path("export_src").resolve())
+browser
+""",
+]
+
+
+@pytest.mark.parametrize("server", ["lab"], indirect=True)
+def test_export_panel_plans_then_writes(server, browser_page):
+    """Type a destination, Plan (the table, nothing written), Export (the result line, the
+    files on disk read back by safetensors bit for bit); the panel passes the layout audit."""
+    import numpy as np
+    from safetensors import safe_open
+
+    page = _open_and_run(browser_page, server, "export.ipynb", EXPORT_CELLS, ".nnx-ckpt-browser")
+    widget = page.locator(".nnx-ckpt-browser")
+    export = widget.locator("button.nnx-ckpt-export-button")
+    status = widget.locator(".nnx-ckpt-export-status")
+    dst = server.root / "exported"
+    assert export.is_disabled() and status.inner_text().startswith("Nothing written")
+    widget.locator(".nnx-ckpt-export-dst input").fill(str(dst))
+    page.wait_for_function(
+        "() => !document.querySelector('.nnx-ckpt-browser button.nnx-ckpt-export-button').disabled",
+        timeout=60_000,
+    )
+    widget.locator("button.nnx-ckpt-plan-button").click()
+    page.wait_for_selector('.nnx-ckpt-export-status[data-state="planned"]', timeout=60_000)
+    assert status.inner_text() == f"Will write 5 arrays (224 B) in 1 safetensors file to {dst}."
+    rows = widget.locator(".nnx-ckpt-plan tr").all_inner_texts()
+    cells = [re.split(r"\t", row) for row in rows]
+    assert cells[0] == ["key", "shape", "dtype", "bytes"], cells
+    assert cells[1] == ["model.safetensors: 5 tensors, 224 B"], cells  # the file, then its keys
+    keys = {row[0] for row in cells[2:]}
+    assert keys == {"head.w", "layers.{0..3}.kernel"}, cells
+    assert not dst.exists()  # a plan writes nothing
+    _audit(page, "lab/light/export-planned")
+    _shot(page, server, "light", "export-planned")
+
+    export.click()
+    page.wait_for_selector('.nnx-ckpt-export-status[data-state="done"]', timeout=120_000)
+    line = status.inner_text()
+    assert re.fullmatch(
+        rf"Wrote 5 arrays \(224 B\) in 1 safetensors file to {re.escape(str(dst))} in [\d.]+ s",
+        line,
+    ), line
+    assert sorted(os.listdir(dst)) == ["model.safetensors"]
+    with safe_open(str(dst / "model.safetensors"), framework="numpy") as opened:
+        written = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
+    expected = {
+        f"layers.{i}.kernel": np.arange(12, dtype=np.float32).reshape(3, 4) + i for i in range(4)
+    }
+    expected["head.w"] = np.linspace(-1, 1, 8, dtype=np.float32)
+    assert written.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(written[name], array, strict=True)
+    _audit(page, "lab/light/exported")
+    # A second Export to the same place is refused, in one sentence, and changes nothing.
+    before = (dst / "model.safetensors").read_bytes()
+    export.click()
+    page.wait_for_selector('.nnx-ckpt-export-status[data-state="failed"]', timeout=60_000)
+    assert status.inner_text().startswith(f"Export failed: dst '{dst}' exists;")
+    assert (dst / "model.safetensors").read_bytes() == before
+
+
 # --- every tutorial, English and Chinese: Run All twice, then again after a restart ----------
 #
 # One Lab server for all of them; each notebook opens in turn in a page of its own, from a copy

@@ -561,3 +561,32 @@ def test_values_and_diff_html_are_inert(hostile):
     assert browser.values.array is not None
     for markup in html_values(browser):
         assert_inert(markup)
+
+
+def test_convert_plan_html_and_export_panel_are_inert(hostile, tmp_path):
+    """A convert plan's table and the browser's Export panel, on hostile key names: to
+    safetensors and to Orbax, planned from Python and from the panel, and after an export."""
+    ckpt, root = hostile
+    escaped = html.escape(XSS)
+    for fmt in ("safetensors", "orbax"):
+        plan = ncw.convert(ckpt, tmp_path / fmt, to=fmt, dry_run=True, progress=False)
+        markup = plan._repr_html_()
+        assert_inert(markup)
+        assert escaped in markup and "&lt;script&gt;" in markup
+        assert "<table" in markup and len(plan.keys) == len(ncw.inspect(ckpt).leaves)
+    browser = CheckpointBrowser(root, step=1, item=XSS)
+    panel = browser.export_panel
+    panel.destination.value = str(tmp_path / XSS)
+    browser.plan_button.click()
+    browser.wait(60)
+    assert panel.plan is not None and not (tmp_path / XSS).exists()
+    shown = html_values(browser)
+    panel.format.value = "orbax"
+    browser.export_button.click()
+    browser.wait(60)
+    assert panel.result is not None and panel.result.written, panel.status
+    shown += html_values(browser)
+    for markup in shown:
+        assert_inert(markup)
+    assert any(escaped in m and "<table" in m for m in shown)
+    assert any(html.escape(str(tmp_path / XSS)) in m for m in shown)  # the status line
