@@ -415,7 +415,8 @@ def _key_data_dims(impl: str) -> int:
 
 MemoryArg = int | str | None
 # A read holds about 2.1x its array while it runs (the compressed bytes and the array they
-# decode into; measured on Orbax's zstd chunks), so each read in flight is counted at 2.2x.
+# decode into; measured on Orbax's zstd chunks), so each read in flight is counted at 2.2x;
+# an array the layout streams (see ``Layout.streams``) at its own factor.
 READ_FACTOR = 2.2
 # Room for what is not an array: float64 chunk temporaries, TensorStore's and Orbax's
 # per-call state, the report being built.
@@ -517,18 +518,19 @@ class ReadPlan:
       batch_bytes: bytes per read batch (an array larger than this is a batch of its own).
       reads_in_flight: reads that run at once (at least one).
       largest: the largest array's bytes.
+      hold: the most bytes one read holds while it runs.
     """
 
     budget: int
     batch_bytes: int
     reads_in_flight: int
     largest: int
+    hold: int
 
     def needs(self, reads: int) -> int:
-        """Bytes held with ``reads`` in flight: each read's 2.2x, one batch being used, and
-        the reserve."""
-        unit = max(self.largest, self.batch_bytes)
-        return RESERVE + unit + math.ceil(READ_FACTOR * unit) * reads
+        """Bytes held with ``reads`` in flight: what each read holds, one batch being used,
+        and the reserve."""
+        return RESERVE + max(self.largest, self.batch_bytes) + self.hold * reads
 
 
 def plan_reads(
@@ -538,10 +540,12 @@ def plan_reads(
     what: str,
     where: str,
     sides: int = 1,
+    location: Location | None = None,
 ) -> ReadPlan:
     """The reads in flight for ``leaves`` within ``max_memory``, split evenly over ``sides``
     read at once (``diff`` reads two checkpoints): per side as many as fit, with at most two
-    reads per core in all, and at least one.
+    reads per core in all, and at least one. ``location``'s layout says which arrays it
+    streams (they hold less while read); without it every read counts at ``READ_FACTOR``.
 
     Raises:
       InvalidArgumentError: ``max_memory`` is not a size, or is too small for one read of the
@@ -559,8 +563,9 @@ def plan_reads(
     batch = int(max(1, min(BATCH_BYTES, room))) if room > 0 else 1
     # A batch is never larger than all the bytes there are to read.
     batch = max(1, min(batch, sum(leaf.nbytes for leaf in leaves)))
-    plan = ReadPlan(budget, batch, 1, largest)
-    one = plan.needs(1)
+    # The least that reads everything: one read at a time, each array a read of its own.
+    alone = _hold(leaves, 0, location)
+    one = RESERVE + largest + alone
     if share < one:
         name = largest_leaf.name if largest_leaf is not None else "(none)"
         need = human_bytes(one * sides)
@@ -570,12 +575,32 @@ def plan_reads(
             f"({one * sides} bytes) to be read; raise max_memory, or leave that array out "
             "with select=."
         )
+    plan = ReadPlan(budget, batch, 1, largest, _hold(leaves, batch, location))
+    if plan.needs(1) > share:
+        # Batches held at READ_FACTOR outgrow the streamed arrays: make them no larger than
+        # what one streamed array holds, which fits (``one`` above).
+        batch = max(1, min(batch, int(alone / READ_FACTOR)))
+        plan = ReadPlan(budget, batch, 1, largest, _hold(leaves, batch, location))
     reads = 1
     # Two per core: a read spends part of its time in Python (Orbax's per-call work), when
     # another read keeps the core decoding.
     while reads < READS_PER_CORE * cores() // sides and plan.needs(reads + 1) <= share:
         reads += 1
     return dataclasses.replace(plan, reads_in_flight=reads)
+
+
+def _hold(leaves: Sequence[LeafInfo], batch: int, location: Location | None) -> int:
+    """The most bytes one read holds: a batch at ``READ_FACTOR``, or an array larger than a
+    batch (a read of its own) at the factor of the way its layout reads it."""
+    big = [leaf for leaf in leaves if leaf.nbytes > batch]
+    layout = location.layout if location is not None else None
+    streams = getattr(layout, "streams", None)
+    streamed = streams(location, read_requests(big)) if big and streams else set()
+    factor = {True: getattr(layout, "stream_factor", READ_FACTOR), False: READ_FACTOR}
+    return max(
+        [math.ceil(READ_FACTOR * batch)]
+        + [math.ceil(factor[i in streamed] * leaf.nbytes) for i, leaf in enumerate(big)]
+    )
 
 
 def read_requests(leaves: Sequence[LeafInfo]) -> list[ReadRequest]:

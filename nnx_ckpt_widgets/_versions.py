@@ -31,6 +31,7 @@ FALLBACK_REQUIREMENTS = (
     "treescope>=0.1.7,<0.2",
     "ipywidgets>=8.0.0,<8.2",
     "tqdm>=4.66.0,<5",
+    "zstandard>=0.22.0,<0.26",
 )
 
 _REQUIREMENT = re.compile(

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -53,6 +54,7 @@ from nnx_ckpt_widgets.errors import (
     TransformError,
     first_line,
 )
+from nnx_ckpt_widgets.layouts import Location
 from nnx_ckpt_widgets.layouts.safetensors import DTYPES
 from nnx_ckpt_widgets.metadata import STATE_FORMAT, CheckpointInfo, LeafInfo
 from nnx_ckpt_widgets.metadata import inspect as inspect_checkpoint
@@ -359,7 +361,9 @@ def convert(
     plan = _plan(source, dst_text, fmt, select, keys, out_dtype, limit, meta, extras)
     _check_destination(source, dst_path, overwrite)
     # Refused before anything is written, dry run or not: the budget is part of the plan.
-    reads = plan_reads(_stored(plan), max_memory, what="convert", where=source.where)
+    reads = plan_reads(
+        _stored(plan), max_memory, what="convert", where=source.where, location=source.location
+    )
     if dry_run:
         return plan
 
@@ -486,6 +490,7 @@ class _Source:
     read: Callable[[Sequence[LeafInfo], Any, ReadPlan], Generator[tuple[LeafInfo, Any], None, None]]
     path: Path | None = None  # a local source folder or file, never to be written
     not_arrays: tuple[str, ...] = ()  # live leaves that hold no array (strings, None...)
+    location: Location | None = None  # where a checkpoint's arrays are read from
 
 
 def _source(src: Any, step: int | None, item: str | None) -> _Source:
@@ -502,7 +507,7 @@ def _source(src: Any, step: int | None, item: str | None) -> _Source:
 
         text = os.fspath(src)
         local = None if "://" in text else Path(text).absolute()
-        return _Source(info, str(info.path), read, local)
+        return _Source(info, str(info.path), read, local, location=location)
     if step is not None or item is not None:
         raise InvalidArgumentError(
             "step= and item= choose what to read from a checkpoint path; a live model or "
@@ -830,7 +835,17 @@ def _atomic(dst: AnyPath, overwrite: bool) -> Iterator[AnyPath]:
             "folder was removed): free some space or choose another destination."
         ) from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _remove(folder: Path) -> None:
+    """Remove ``folder``, again while it reappears: after a failed save, Orbax's own threads
+    can still be finishing writes into it (seen once under load, with a full disk)."""
+    for wait in (0.0, 0.05, 0.2, 0.5, 1.0):
+        time.sleep(wait)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            return
 
 
 def _parts(key: ConvertedKey) -> tuple[LeafInfo, ...]:

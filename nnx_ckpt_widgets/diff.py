@@ -521,8 +521,18 @@ def _compare(
         raise InvalidArgumentError("diff_infos needs CheckpointInfo made by inspect().")
     where_a = where(info_a.path, info_a.step, info_a.item)
     where_b = where(info_b.path, info_b.step, info_b.item)
-    # Paired arrays have one shape and dtype, so one plan fits both sides.
-    plan = plan_reads([a for a, _ in pairs], max_memory, what="diff", where=where_a, sides=2)
+    # Paired arrays have one shape and dtype, so one plan fits both sides: the one that
+    # holds more per read (a side whose layout streams its arrays holds less).
+    sides = ((0, where_a, loc_a), (1, where_b, loc_b))
+    plan = min(
+        (
+            plan_reads(
+                [pair[n] for pair in pairs], max_memory, what="diff", where=w, sides=2, location=loc
+            )
+            for n, w, loc in sides
+        ),
+        key=lambda p: (p.reads_in_flight, -p.hold),
+    )
     callback, close = progress_callback(progress, "diff")
     done = {"a": (0, 0), "b": (0, 0)}
 

@@ -360,7 +360,7 @@ def stats_of(
       CheckpointError: the arrays cannot be read.
     """
     location = info.located()
-    plan = plan_reads(leaves, max_memory, what="stats", where=info_where(info))
+    plan = plan_reads(leaves, max_memory, what="stats", where=info_where(info), location=location)
     callback, close = progress_callback(progress, "stats")
     entries = []
     try:

@@ -235,13 +235,14 @@ def test_safetensors_file(tmp_path):
 
 def test_select_reads_only_the_selected_arrays(zoo, monkeypatch):
     read: list[tuple] = []
-    real = _values.read_requests
+    layout = type(nw.inspect(zoo).location.layout)
+    real = layout.read
 
-    def spy(leaves):
-        read.extend(leaf.stored_path for leaf in leaves)
-        return real(leaves)
+    def spy(self, location, requests):
+        read.extend(request.stored_path for request in requests)
+        return real(self, location, requests)
 
-    monkeypatch.setattr(_values, "read_requests", spy)
+    monkeypatch.setattr(layout, "read", spy)
     report = nw.stats(zoo, select=r"^i\d+$", progress=False)
     assert read == [("i64",), ("i8",)]
     assert [e.key for e in report] == ["i64", "i8"] and report.skipped == len(ARRAYS)

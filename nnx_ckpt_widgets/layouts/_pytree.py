@@ -19,12 +19,16 @@ back to Orbax's own API.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, cast
 
 from nnx_ckpt_widgets import _keypaths, _storage, _untrusted
 from nnx_ckpt_widgets._failures import read_error, target_sharding
@@ -233,8 +237,9 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     keys = [f"{name}/{header}" for name in names]
     try:
         found = _root_node_values(item_dir, wait)
-        if found is not None and all(key.encode() in found for key in keys):
-            return [found[key.encode()] for key in keys]
+        headers = [None if found is None else found.get(key.encode()) for key in keys]
+        if all(isinstance(raw, bytes) for raw in headers):
+            return headers  # type: ignore[return-value]
         store = ts.KvStore.open(spec, context=_storage.ts_context(item_dir)).result(timeout=wait)
         # All reads are issued before the first wait: TensorStore batches and overlaps them.
         futures = [store.read(key) for key in keys]
@@ -257,8 +262,11 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     return [bytes(r.value) for r in results]
 
 
-def _root_node_values(item_dir: AnyPath, wait: float | None) -> dict[bytes, bytes] | None:
-    """Every key and inline value of the OCDBT database, when its B+tree is one leaf node.
+def _root_node_values(
+    item_dir: AnyPath, wait: float | None
+) -> dict[bytes, bytes | _Indirect] | None:
+    """Every key of the OCDBT database and its inline value (or, for a value stored in a data
+    file, its :class:`_Indirect` reference), when its B+tree is one leaf node.
 
     Orbax configures OCDBT with 100 MB nodes and values up to 1 KiB inline, so a checkpoint of
     up to a few hundred thousand arrays is one node holding every zarr header. A point read
@@ -287,10 +295,21 @@ def _root_node_values(item_dir: AnyPath, wait: float | None) -> dict[bytes, byte
     if not isinstance(entries, list):
         return None
     return {
-        bytes(entry["key"]): bytes(entry["inline_value"])
+        bytes(entry["key"]): (
+            bytes(entry["inline_value"])
+            if "inline_value" in entry
+            else _Indirect(str(entry["indirect_value"]))
+        )
         for entry in entries
-        if isinstance(entry, dict) and "key" in entry and "inline_value" in entry
+        if isinstance(entry, dict)
+        and "key" in entry
+        and ("inline_value" in entry or "indirect_value" in entry)
     }
+
+
+class _Indirect(str):
+    """A value the B+tree's node refers to in a data file (``value:BASE:d/FILE:OFFSET:LENGTH``,
+    as ``tensorstore.ocdbt.dump`` spells it), not a value itself."""
 
 
 def _parse_header(
@@ -411,8 +430,10 @@ def read_arrays(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> list[Any]
                 f"Checkpoint at {item_dir} could not be read: {reason(err)}; the target was "
                 "left unchanged, restore the checkpoint from a copy or save it again."
             ) from err
-        if len(inline) == len(requests):
-            return [inline[i] for i in range(len(requests))]
+    # Large host arrays: streamed from their data files, where they qualify.
+    inline.update(_read_streamed(item_dir, requests, skip=inline))
+    if len(inline) == len(requests):
+        return [inline[i] for i in range(len(requests))]
     rest = [r for i, r in enumerate(requests) if i not in inline]
     item: dict = {}
     restore_args: dict = {}
@@ -507,32 +528,14 @@ def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int
             continue
         name = ".".join(request.stored_path)
         raw = values.get(f"{name}/.zarray".encode())
-        if raw is None:
+        checked = _one_chunk(raw, request) if isinstance(raw, bytes) else None
+        if checked is None:
             continue
-        try:
-            header = json.loads(raw)  # checked by inspect's guarded reader; else Orbax reads it
-            dtype = np.dtype(dtype_name(header["dtype"]))
-        except (ValueError, KeyError, TypeError, RecursionError):
-            continue
+        dtype, compressor = checked
         shape = tuple(request.shape)
-        compressor = header.get("compressor")
-        if (
-            header.get("zarr_format") != 2
-            or not header.keys() >= _ZARR_KEYS
-            or tuple(header["shape"]) != shape
-            or tuple(header["chunks"]) != shape
-            or header["order"] != "C"
-            or header["filters"] is not None
-            or header.get("dimension_separator", ".") != "."
-            or not (compressor is None or compressor == {"id": "zstd", "level": 1})
-            or dtype.name != request.dtype
-            # little-endian, single bytes, or bfloat16 (which TensorStore stores little-endian)
-            or not (str(header["dtype"])[:1] in "<|" or header["dtype"] == "bfloat16")
-        ):
-            continue
-        chunk = values.get(f"{name}/{'.'.join('0' * len(shape)) or '0'}".encode())
-        if chunk is None:
-            continue
+        chunk = values.get(f"{name}/{_chunk_key(shape)}".encode())
+        if not isinstance(chunk, bytes):
+            continue  # absent, or in a data file: Orbax reads it
         plan.append((index, request, dtype, shape, compressor, chunk))
     if len(plan) < _MANY:
         return {}
@@ -548,6 +551,45 @@ def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int
     ]
     placed = _place([request for _, request, *_ in plan], arrays)
     return {index: array for (index, *_), array in zip(plan, placed, strict=True)}
+
+
+def _chunk_key(shape: tuple[int, ...]) -> str:
+    """The zarr v2 key of an array's first chunk (``0.0`` for a matrix, ``0`` for a scalar)."""
+    return ".".join("0" * len(shape)) or "0"
+
+
+def _one_chunk(raw: bytes, request: ReadRequest) -> tuple[Any, Any] | None:
+    """``(dtype, compressor)`` when the zarr v2 header ``raw`` describes ``request``'s array as
+    one C-order chunk, compressed with Orbax's zstd or not at all, in a byte order the host
+    reads as is; else None (Orbax reads that array)."""
+    import numpy as np
+
+    try:
+        header = _untrusted.parse_json(raw, None, "zarr header", CorruptCheckpointError)
+        dtype = np.dtype(dtype_name(header["dtype"]))
+    except (CheckpointError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    shape = tuple(request.shape)
+    compressor = header.get("compressor")
+    if (
+        header.get("zarr_format") != 2
+        or not header.keys() >= _ZARR_KEYS
+        or tuple(header["shape"]) != shape
+        or tuple(header["chunks"]) != shape
+        or header["order"] != "C"
+        or header["filters"] is not None
+        or header.get("dimension_separator", ".") != "."
+        or not (compressor is None or compressor == {"id": "zstd", "level": 1})
+        or dtype.name != request.dtype
+        # little-endian, single bytes (fp8 too), or bfloat16 (stored little-endian)
+        or not (
+            str(header["dtype"])[:1] in "<|" or header["dtype"] == "bfloat16" or dtype.itemsize == 1
+        )
+    ):
+        return None
+    return dtype, compressor
 
 
 def _single_device(request: ReadRequest) -> bool:
@@ -600,6 +642,188 @@ def _decode_chunks(chunks: list[tuple[Any, int, bytes]]) -> list[bytes]:
         for row, index in zip(data, members, strict=True):
             out[index] = row.tobytes()
     return out
+
+
+# --- streamed host reads ------------------------------------------------------------------
+
+# An array read for the host (stats, diff, convert) that is one zstd-compressed zarr chunk in
+# a data file is decoded as a stream from that file straight into the array: the read holds
+# the array and a block of input. TensorStore, under Orbax, holds the whole
+# compressed chunk beside the array it decodes into (about 2.1x the array). Measured on a
+# 64 MiB float32 chunk: +66 MiB in 0.09 s, against +135 MiB in 0.15 s through TensorStore.
+STREAM_FACTOR = 1.1
+# Smaller arrays are left to Orbax: the saving would not pay for a file open each.
+STREAM_MIN = 1 << 20
+_BLOCK = 1 << 20
+# ``value:BASE:d/FILE:OFFSET:LENGTH``: BASE is empty or a process's folder, FILE a hex name.
+_INDIRECT = re.compile(
+    r"value:((?:ocdbt\.process_\d{1,9}/)?):(d/[0-9a-f]{1,64}):(\d{1,19}):(\d{1,19})"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """Where one array's single chunk lies, and how to decode it."""
+
+    file: Path
+    offset: int
+    length: int
+    dtype: Any
+    shape: tuple[int, ...]
+
+
+def streamed_chunks(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int, _Stream]:
+    """``{index in requests: _Stream}`` for the host requests of at least :data:`STREAM_MIN`
+    bytes whose array is one chunk in a data file of a local folder; the others are not
+    streamed. Reads metadata only (the B+tree's node, decoded once per version of the
+    database and kept)."""
+    wanted = [
+        (index, request)
+        for index, request in enumerate(requests)
+        if request.host
+        and request.scalar_type is None
+        and math.prod(request.shape) * _itemsize(request.dtype) >= STREAM_MIN
+    ]
+    if not wanted or not _storage.is_local(item_dir) or not _has_zstandard():
+        return {}
+    chunks = _data_file_chunks(_manifest_stamp(Path(item_dir)))
+    out: dict[int, _Stream] = {}
+    for index, request in wanted:
+        name = ".".join(request.stored_path)
+        found = chunks.get(f"{name}/{_chunk_key(tuple(request.shape))}")
+        checked = None if found is None else _one_chunk(found[0], request)
+        match = None if found is None else _INDIRECT.fullmatch(found[1])
+        if checked is None or match is None:
+            continue
+        dtype, compressor = checked
+        if compressor is None:
+            continue  # Orbax compresses every chunk; an uncompressed one is Orbax's to read
+        file = Path(item_dir) / match[1] / match[2]
+        out[index] = _Stream(file, int(match[3]), int(match[4]), dtype, tuple(request.shape))
+    return out
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        return 0
+
+
+@functools.cache
+def _has_zstandard() -> bool:
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# A manifest of one version is a few hundred bytes; a larger one is not read for a key.
+_MANIFEST_MAX = 1 << 16
+
+
+def _manifest_stamp(item_dir: Path) -> tuple[str, bytes] | None:
+    """What changes whenever the database does: the folder and its manifest's bytes (each
+    commit writes a new root node under a new random file name)."""
+    try:
+        manifest = item_dir / "manifest.ocdbt"
+        if os.path.getsize(manifest) > _MANIFEST_MAX:
+            return None
+        return (os.fspath(item_dir.absolute()), manifest.read_bytes())
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _data_file_chunks(stamp: tuple[str, bytes] | None) -> dict[str, tuple[bytes, str]]:
+    """``{chunk key: (its array's zarr header, its _Indirect reference)}`` for every chunk
+    stored in a data file (small arrays are inline and not kept); empty when the B+tree is not
+    one node or cannot be read (Orbax then reads, and names any damage)."""
+    if stamp is None:
+        return {}
+    try:
+        values = _root_node_values(Path(stamp[0]), None)
+    except Exception:  # TensorStore raises many types; Orbax's read will name the problem
+        return {}
+    if values is None:
+        return {}
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, _Indirect):
+            name = key.rpartition(b"/")[0]
+            header = values.get(name + b"/.zarray")
+            if isinstance(header, bytes):
+                out[key.decode("utf-8", "replace")] = (header, str(value))
+    return out
+
+
+def _read_streamed(
+    item_dir: AnyPath, requests: Sequence[ReadRequest], skip: dict[int, Any]
+) -> dict[int, Any]:
+    """The arrays :func:`streamed_chunks` finds, each decoded from its data file into a new host
+    array. One that does not decode to exactly its bytes is left out: Orbax then reads it,
+    and names any damage."""
+    found = streamed_chunks(item_dir, [r for i, r in enumerate(requests) if i not in skip])
+    if not found:
+        return {}
+    import zstandard
+
+    index = [i for i in range(len(requests)) if i not in skip]
+    out = {}
+    for at, stream in found.items():
+        try:
+            out[index[at]] = _read_stream(stream)
+        except (OSError, ValueError, zstandard.ZstdError):
+            continue
+    return out
+
+
+def _read_stream(stream: _Stream) -> Any:
+    """One array decoded from its chunk's bytes.
+
+    Raises:
+      ValueError: the chunk is shorter or longer than the array.
+      OSError, zstandard.ZstdError: it cannot be read or decoded.
+    """
+    import numpy as np
+    import zstandard
+
+    array = np.empty(stream.shape, stream.dtype)
+    view = array.reshape(-1).view(np.uint8).data
+    with open(stream.file, "rb", buffering=0) as handle:
+        handle.seek(stream.offset)
+        source = cast("IO[bytes]", _Window(handle, stream.length))
+        decoder = zstandard.ZstdDecompressor()
+        with decoder.stream_reader(
+            source, read_size=_BLOCK, read_across_frames=False, closefd=False
+        ) as reader:
+            done = 0
+            while done < len(view):
+                got = reader.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+            extra = reader.read(1)
+    if done != len(view) or extra:
+        raise ValueError(f"the chunk does not hold {len(view)} bytes")
+    return array
+
+
+class _Window:
+    """The ``length`` bytes of an open file from where it stands: reads stop there."""
+
+    def __init__(self, handle: Any, length: int) -> None:
+        self._handle = handle
+        self._left = length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size < 0 else min(size, self._left)
+        data = self._handle.read(size) if size else b""
+        self._left -= len(data)
+        return data
 
 
 def _place(requests: Sequence[ReadRequest], arrays: list[Any]) -> list[Any]:
@@ -709,3 +933,11 @@ class PyTreeReads:
 
     def read(self, location: Location, requests: Sequence[ReadRequest]) -> list[Any]:
         return read_arrays(location.data, requests)
+
+    # What a streamed array holds while it is read, per byte of it.
+    stream_factor = STREAM_FACTOR
+
+    def streams(self, location: Location, requests: Sequence[ReadRequest]) -> set[int]:
+        """The indices of ``requests`` that :meth:`read` decodes as a stream, holding about
+        :attr:`stream_factor` times their bytes (metadata only)."""
+        return set(streamed_chunks(location.data, requests))
