@@ -177,3 +177,23 @@ def test_arrays_read_onto_a_device_are_not_streamed(saved):
     info = nw.inspect(saved[0])
     requests = [dataclasses.replace(r, host=False) for r in _requests(info)]
     assert info.location.layout.streams(info.location, requests) == set()
+
+
+def test_a_frame_that_asks_for_a_large_window_is_not_decoded_here(tmp_path):
+    """The decoder keeps at most an 8 MiB window: a frame wanting 64 MiB (not one Orbax
+    writes, at zstd level 1) is refused, and Orbax gets to read it."""
+    array = np.random.default_rng(0).standard_normal((SIDE, SIDE)).astype(np.float32)
+    params = zstandard.ZstdCompressionParameters.from_level(1, window_log=26)
+    # Without the size up front, the frame keeps its window (with it, zstd would shrink it).
+    writer = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    frame = writer.compress(array.tobytes()) + writer.flush()
+    assert zstandard.get_frame_parameters(frame).window_size > 2**23
+    file = tmp_path / "chunk"
+    file.write_bytes(b"x" * 7 + frame)
+    stream = _pytree._Stream(file, 7, len(frame), array.dtype, array.shape)
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):
+        _pytree._read_stream(stream)
+    level1 = zstandard.ZstdCompressor(level=1).compress(array.tobytes())
+    file.write_bytes(b"x" * 7 + level1)
+    ok = _pytree._Stream(file, 7, len(level1), array.dtype, array.shape)
+    assert _bytes_equal(_pytree._read_stream(ok), array)

@@ -655,6 +655,9 @@ STREAM_FACTOR = 1.1
 # Smaller arrays are left to Orbax: the saving would not pay for a file open each.
 STREAM_MIN = 1 << 20
 _BLOCK = 1 << 20
+# The largest window a streamed frame may ask the decoder to keep. Orbax writes zstd level 1
+# (a window of 512 KiB); a frame that wants more is not one of its chunks, and goes to Orbax.
+_MAX_WINDOW = 1 << 23
 # ``value:BASE:d/FILE:OFFSET:LENGTH``: BASE is empty or a process's folder, FILE a hex name.
 _INDIRECT = re.compile(
     r"value:((?:ocdbt\.process_\d{1,9}/)?):(d/[0-9a-f]{1,64}):(\d{1,19}):(\d{1,19})"
@@ -796,7 +799,7 @@ def _read_stream(stream: _Stream) -> Any:
     with open(stream.file, "rb", buffering=0) as handle:
         handle.seek(stream.offset)
         source = cast("IO[bytes]", _Window(handle, stream.length))
-        decoder = zstandard.ZstdDecompressor()
+        decoder = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
         with decoder.stream_reader(
             source, read_size=_BLOCK, read_across_frames=False, closefd=False
         ) as reader:
