@@ -592,11 +592,14 @@ def plan_reads(
 def _hold(leaves: Sequence[LeafInfo], batch: int, location: Location | None) -> int:
     """The most bytes one read holds: a batch at ``READ_FACTOR``, or an array larger than a
     batch (a read of its own) at the factor of the way its layout reads it."""
-    big = [leaf for leaf in leaves if leaf.nbytes > batch]
     layout = location.layout if location is not None else None
     streams = getattr(layout, "streams", None)
-    streamed = streams(location, read_requests(big)) if big and streams else set()
     factor = {True: getattr(layout, "stream_factor", READ_FACTOR), False: READ_FACTOR}
+    # The largest array holds at least its streamed share: an array that holds less at
+    # READ_FACTOR cannot set the maximum, so the layout is asked about the others only.
+    least = factor[True] * max((leaf.nbytes for leaf in leaves), default=0)
+    big = [leaf for leaf in leaves if leaf.nbytes > batch and READ_FACTOR * leaf.nbytes > least]
+    streamed = streams(location, read_requests(big)) if big and streams else set()
     return max(
         [math.ceil(READ_FACTOR * batch)]
         + [math.ceil(factor[i in streamed] * leaf.nbytes) for i, leaf in enumerate(big)]

@@ -237,9 +237,9 @@ def _read_zarr_headers(item_dir: AnyPath, names: list[str], zarr3: bool) -> list
     keys = [f"{name}/{header}" for name in names]
     try:
         found = _root_node_values(item_dir, wait)
-        headers = [None if found is None else found.get(key.encode()) for key in keys]
-        if all(isinstance(raw, bytes) for raw in headers):
-            return headers  # type: ignore[return-value]
+        headers = [raw for key in keys if isinstance(raw := (found or {}).get(key.encode()), bytes)]
+        if len(headers) == len(keys):  # every header inline in the one node
+            return headers
         store = ts.KvStore.open(spec, context=_storage.ts_context(item_dir)).result(timeout=wait)
         # All reads are issued before the first wait: TensorStore batches and overlaps them.
         futures = [store.read(key) for key in keys]
@@ -687,7 +687,7 @@ def streamed_chunks(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[
         and request.scalar_type is None
         and math.prod(request.shape) * _itemsize(request.dtype) >= STREAM_MIN
     ]
-    if not wanted or not _storage.is_local(item_dir) or not _has_zstandard():
+    if not wanted or not _storage.is_local(item_dir):
         return {}
     chunks = _data_file_chunks(_manifest_stamp(Path(item_dir)))
     out: dict[int, _Stream] = {}
@@ -707,21 +707,13 @@ def streamed_chunks(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[
 
 
 def _itemsize(dtype: str) -> int:
+    import ml_dtypes  # noqa: F401  (NumPy knows bfloat16 and fp8 by name once it is imported)
     import numpy as np
 
     try:
         return np.dtype(dtype).itemsize
     except TypeError:
         return 0
-
-
-@functools.cache
-def _has_zstandard() -> bool:
-    try:
-        import zstandard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # A manifest of one version is a few hundred bytes; a larger one is not read for a key.
