@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from nnx_ckpt_widgets import _keypaths
+from nnx_ckpt_widgets import _keypaths, _untrusted
 from nnx_ckpt_widgets._keypaths import KeyPath
 from nnx_ckpt_widgets._layers import LayerSource, apply_layers
 from nnx_ckpt_widgets._text import clip, human_bytes, plural, shape_text
@@ -445,6 +445,9 @@ def state_of(value: Any, refusal: str) -> Any:
     raise InvalidArgumentError(refusal.format(type(value).__name__))
 
 
+# Both build an object or more per leaf and keep them all: at 100,000 leaves the cyclic
+# collector's passes over them took a third of compare's time (measured: 6.5 s, 4.1 s paused).
+@_untrusted.no_gc()
 def flatten_target(target: Any) -> list[TargetLeaf]:
     """The arrays of a model, any NNX graph node or an ``nnx.State``, concrete or abstract.
 
@@ -603,6 +606,7 @@ def run_transforms(
     return value
 
 
+@_untrusted.no_gc()
 def build_report(
     info: CheckpointInfo,
     target_leaves: list[TargetLeaf],
