@@ -297,13 +297,19 @@ def read_into(path: AnyPath, offset: int, buffer: memoryview) -> int:
     (fewer at the file's end; raises ``OSError``)."""
     with open(path, "rb", buffering=0) as handle:
         handle.seek(offset)
-        done = 0
-        while done < len(buffer):
-            got = handle.readinto(buffer[done:])
-            if not got:
-                break
-            done += got
-        return done
+        return fill(handle, buffer)
+
+
+def fill(reader: Any, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``reader``'s ``readinto``; returns how many bytes it got (fewer
+    when the reader ends first)."""
+    done = 0
+    while done < len(buffer):
+        got = reader.readinto(buffer[done:])
+        if not got:
+            break
+        done += got
+    return done
 
 
 def read_range(path: AnyPath, offset: int, length: int) -> bytes:

@@ -795,12 +795,7 @@ def _read_stream(stream: _Stream) -> Any:
         with decoder.stream_reader(
             source, read_size=_BLOCK, read_across_frames=False, closefd=False
         ) as reader:
-            done = 0
-            while done < len(view):
-                got = reader.readinto(view[done:])
-                if not got:
-                    break
-                done += got
+            done = _storage.fill(reader, view)
             extra = reader.read(1)
     if done != len(view) or extra:
         raise ValueError(f"the chunk does not hold {len(view)} bytes")
