@@ -563,8 +563,9 @@ def plan_reads(
     batch = int(max(1, min(BATCH_BYTES, room))) if room > 0 else 1
     # A batch is never larger than all the bytes there are to read.
     batch = max(1, min(batch, sum(leaf.nbytes for leaf in leaves)))
+    holds = _read_holds(leaves, location)  # the layout is asked once
     # The least that reads everything: one read at a time, each array a read of its own.
-    alone = _hold(leaves, 0, location)
+    alone = _hold(holds, 0)
     one = RESERVE + largest + alone
     if share < one:
         name = largest_leaf.name if largest_leaf is not None else "(none)"
@@ -575,12 +576,12 @@ def plan_reads(
             f"({one * sides} bytes) to be read; raise max_memory, or leave that array out "
             "with select=."
         )
-    plan = ReadPlan(budget, batch, 1, largest, _hold(leaves, batch, location))
+    plan = ReadPlan(budget, batch, 1, largest, _hold(holds, batch))
     if plan.needs(1) > share:
         # Batches held at READ_FACTOR outgrow the streamed arrays: make them no larger than
         # what one streamed array holds, which fits (``one`` above).
         batch = max(1, min(batch, int(alone / READ_FACTOR)))
-        plan = ReadPlan(budget, batch, 1, largest, _hold(leaves, batch, location))
+        plan = ReadPlan(budget, batch, 1, largest, _hold(holds, batch))
     reads = 1
     # Two per core: a read spends part of its time in Python (Orbax's per-call work), when
     # another read keeps the core decoding.
@@ -589,21 +590,28 @@ def plan_reads(
     return dataclasses.replace(plan, reads_in_flight=reads)
 
 
-def _hold(leaves: Sequence[LeafInfo], batch: int, location: Location | None) -> int:
-    """The most bytes one read holds: a batch at ``READ_FACTOR``, or an array larger than a
-    batch (a read of its own) at the factor of the way its layout reads it."""
+def _read_holds(leaves: Sequence[LeafInfo], location: Location | None) -> list[tuple[int, int]]:
+    """``(bytes, held)`` of a read of each array alone: ``READ_FACTOR`` times its bytes,
+    or the layout's ``stream_factor`` for an array it streams. The layout is asked once, and
+    only about the arrays that can set the largest: the largest array holds at least its
+    streamed share, so an array holding less at ``READ_FACTOR`` cannot."""
     layout = location.layout if location is not None else None
     streams = getattr(layout, "streams", None)
-    factor = {True: getattr(layout, "stream_factor", READ_FACTOR), False: READ_FACTOR}
-    # The largest array holds at least its streamed share: an array that holds less at
-    # READ_FACTOR cannot set the maximum, so the layout is asked about the others only.
-    least = factor[True] * max((leaf.nbytes for leaf in leaves), default=0)
-    big = [leaf for leaf in leaves if leaf.nbytes > batch and READ_FACTOR * leaf.nbytes > least]
-    streamed = streams(location, read_requests(big)) if big and streams else set()
-    return max(
-        [math.ceil(READ_FACTOR * batch)]
-        + [math.ceil(factor[i in streamed] * leaf.nbytes) for i, leaf in enumerate(big)]
-    )
+    stream_factor = getattr(layout, "stream_factor", READ_FACTOR)
+    least = stream_factor * max((leaf.nbytes for leaf in leaves), default=0)
+    candidates = [leaf for leaf in leaves if READ_FACTOR * leaf.nbytes > least]
+    streamed = streams(location, read_requests(candidates)) if candidates and streams else set()
+    return [
+        (leaf.nbytes, math.ceil((stream_factor if i in streamed else READ_FACTOR) * leaf.nbytes))
+        for i, leaf in enumerate(candidates)
+    ]
+
+
+def _hold(holds: Sequence[tuple[int, int]], batch: int) -> int:
+    """The most bytes one read holds: a batch at ``READ_FACTOR``, or an array larger than a
+    batch (a read of its own) at what it holds (``holds`` from :func:`_read_holds`)."""
+    own = (held for size, held in holds if size > batch)
+    return max(math.ceil(READ_FACTOR * batch), max(own, default=0))
 
 
 def read_requests(leaves: Sequence[LeafInfo]) -> list[ReadRequest]:

@@ -81,21 +81,28 @@ def test_stats_diff_and_convert_read_the_same_values_with_and_without_streaming(
     saved, monkeypatch, tmp_path
 ):
     path, tree = saved
+    # One element of one array changed: diff must find exactly it, streamed or not.
+    other_tree = {name: value.copy() for name, value in tree.items()}
+    other_tree["i32"][7, 9] += 1
+    other = save_checkpoint(tmp_path / "other", other_tree)
     streamed = nw.stats(path, progress=False)
+    streamed_diff = nw.diff(path, other, progress=False)
     out = tmp_path / "out.safetensors"
     nw.convert(path, out, to="safetensors", progress=False)
     monkeypatch.setattr(_pytree, "STREAM_MIN", 1 << 62)  # every array through Orbax
-    assert not nw.inspect(path).location.layout.streams(
-        nw.inspect(path).location, _requests(nw.inspect(path))
-    )
+    info = nw.inspect(path)
+    assert not info.location.layout.streams(info.location, _requests(info))
     plain = nw.stats(path, progress=False)
+    plain_diff = nw.diff(path, other, progress=False)
+    assert streamed_diff.changed == plain_diff.changed == ["i32"]
+    assert streamed_diff.entries == plain_diff.entries
+    assert streamed_diff.largest_change.max_abs == 1.0
     assert [e.as_dict() for e in streamed] == [e.as_dict() for e in plain]
     assert streamed["f32"].nan == 1 and streamed["f32"].posinf == streamed["f32"].neginf == 1
     written = library_tensors(out)  # as the safetensors library parses the file
     assert sorted(written) == sorted(tree)
     for name, value in tree.items():
         assert written[name][1:] == (value.shape, value.tobytes()), name
-    assert nw.diff(path, path, progress=False).changed == []
 
 
 def test_a_new_checkpoint_at_the_same_path_is_not_read_from_the_old_ones_index(tmp_path):
