@@ -103,10 +103,19 @@ def sizes_text(arrays: int, params: int, nbytes: int, rng: int = 0) -> str:
 def children(paths: Iterable[Sequence[Hashable]]) -> dict[tuple, list]:
     """Each prefix of ``paths`` -> its child names, in first-seen order (``()`` is the root)."""
     found: dict[tuple, dict[Hashable, None]] = {}
+    # Paths come grouped by parent (a layer's arrays): its ancestors are walked once a group.
+    parent: tuple | None = None
+    names: dict[Hashable, None] = {}
     for path in paths:
         path = tuple(path)
-        for depth in range(len(path)):
-            found.setdefault(path[:depth], {})[path[depth]] = None
+        if not path:
+            continue
+        if path[:-1] != parent:
+            parent = path[:-1]
+            for depth in range(len(parent)):
+                found.setdefault(parent[:depth], {})[parent[depth]] = None
+            names = found.setdefault(parent, {})
+        names[path[-1]] = None
     return {prefix: list(names) for prefix, names in found.items()}
 
 

@@ -42,7 +42,7 @@ STATUSES: tuple[Status, ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # 10^5 of them: no __dict__ each
 class TargetLeaf:
     """One array of the target, spelled the way the checkpoint stores it.
 
@@ -63,7 +63,7 @@ class TargetLeaf:
     scalar_type: type | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # 10^5 of them: no __dict__ each
 class KeyStatus:
     """The verdict for one key.
 

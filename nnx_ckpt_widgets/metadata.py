@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -23,7 +24,17 @@ STATE_FORMAT: Format = "nnx.State"
 PURE_DICT_FORMAT: Format = "pure dict"
 
 
-@dataclasses.dataclass(frozen=True)
+@functools.lru_cache(maxsize=256)  # a checkpoint has a few dtypes and 10^5 leaves
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        return np.dtype(_untrusted.dtype_name(dtype)).itemsize
+
+
+@dataclasses.dataclass(frozen=True, slots=True)  # 10^5 of them: no __dict__ each
 class LeafInfo:
     """One array of a checkpoint.
 
@@ -53,13 +64,7 @@ class LeafInfo:
     @property
     def nbytes(self) -> int:
         """Bytes the array takes in memory."""
-        import numpy as np
-
-        try:
-            itemsize = np.dtype(self.dtype).itemsize
-        except TypeError:
-            itemsize = np.dtype(_untrusted.dtype_name(self.dtype)).itemsize
-        return self.size * itemsize
+        return self.size * _itemsize(self.dtype)
 
     @property
     def name(self) -> str:
@@ -154,11 +159,19 @@ class CheckpointInfo:
     @cached_property
     def totals(self) -> dict[KeyPath, tuple[int, int]]:
         """``(num_params, nbytes)`` of every subtree, keyed by its path; ``()`` is the root."""
-        totals: dict[KeyPath, list[int]] = {(): [0, 0]}
+        # Each leaf into its parent, then each parent into its ancestors: a layer's arrays
+        # share one parent, so the prefixes are walked once a layer, not once an array.
+        parents: dict[KeyPath, list[int]] = {}
         for leaf in self.leaves.values():
-            size, nbytes = leaf.size, leaf.nbytes
-            for depth in range(len(leaf.path)):
-                entry = totals.setdefault(leaf.path[:depth], [0, 0])
+            entry = parents.get(parent := leaf.path[:-1])
+            if entry is None:
+                entry = parents[parent] = [0, 0]
+            entry[0] += leaf.size
+            entry[1] += leaf.nbytes
+        totals: dict[KeyPath, list[int]] = {(): [0, 0]}
+        for parent, (size, nbytes) in parents.items():
+            for depth in range(len(parent) + 1):
+                entry = totals.setdefault(parent[:depth], [0, 0])
                 entry[0] += size
                 entry[1] += nbytes
         return {path: (n, b) for path, (n, b) in totals.items()}

@@ -222,3 +222,34 @@ def test_failing_restore_leaves_the_target_unchanged(variant, seed, strict, miss
             ncw.restore(path, state, strict=strict, missing=missing, unexpected=unexpected)
     assert_same_arrays(before, state)
     assert raised.value.report.shape_mismatched
+
+
+# Key paths in any order (a parent's leaves need not be adjacent), for the tree views' maps.
+PATHS = st.dictionaries(
+    st.lists(st.sampled_from(["a", "b", "0", "1", "kernel"]), min_size=1, max_size=4).map(tuple),
+    LEAVES,
+    max_size=12,
+)
+
+
+@given(PATHS)
+@SETTINGS
+def test_children_and_totals_match_their_definitions(spec):
+    """``_text.children`` and ``CheckpointInfo.totals`` walk each parent's prefixes once per
+    run of its leaves; they must equal the plain walk over every prefix of every path."""
+    from nnx_ckpt_widgets import _text
+    from nnx_ckpt_widgets.metadata import CheckpointInfo, LeafInfo
+
+    leaves = {p: LeafInfo(p, p, shape, dtype) for p, (shape, dtype) in spec.items()}
+    children: dict[tuple, list] = {}
+    totals: dict[tuple, tuple[int, int]] = {(): (0, 0)}
+    for path, leaf in leaves.items():
+        for depth in range(len(path)):
+            names = children.setdefault(path[:depth], [])
+            if path[depth] not in names:
+                names.append(path[depth])
+            params, nbytes = totals.get(path[:depth], (0, 0))
+            totals[path[:depth]] = (params + leaf.size, nbytes + leaf.size * 4)
+    assert _text.children(leaves) == children
+    info = CheckpointInfo(path="ckpt", item_dir="ckpt", format="pure dict", leaves=leaves)
+    assert info.totals == totals

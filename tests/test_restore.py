@@ -561,6 +561,53 @@ def test_many_small_arrays_damaged_node_leaves_the_model_unchanged(tmp_path):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+def test_a_small_chunk_that_does_not_decode_is_left_to_orbax(tmp_path, monkeypatch):
+    """A chunk Orbax wrote in the B+tree node decodes to exactly its bytes; cut short, with
+    bytes after its frame, or of another size, it is refused (None), and Orbax reads it."""
+    import zstandard
+
+    from nnx_ckpt_widgets.layouts import _pytree
+
+    layers = 150
+    saved = _ManySmall(layers, 0)
+    path = save_checkpoint(tmp_path / "many", nnx.state(saved))
+    values = _pytree._root_node_values(path, None)
+    raw = values[b"layers.0.kernel.value/0.0"]
+    want = np.asarray(saved.layers[0].kernel.get_value()).tobytes()
+    zstd = {"id": "zstd", "level": 1}
+    decoded = _pytree._decode_chunks(
+        [
+            (zstd, len(want), raw),
+            (zstd, len(want), raw[:-3]),
+            (zstd, len(want), raw + raw),
+            (zstd, len(want) - 4, raw),
+            (None, len(want), want),
+            (None, len(want), want[:-1]),
+            (zstd, len(want), zstandard.ZstdCompressor(write_content_size=False).compress(want)),
+        ]
+    )
+    assert decoded == [want, None, None, None, want, None, want]
+
+    real = _pytree._decode_chunks
+    refused: list[int] = []
+
+    def one_refused(chunks):
+        out = real(chunks)
+        refused.append(len(chunks))
+        return [None, *out[1:]]
+
+    monkeypatch.setattr(_pytree, "_decode_chunks", one_refused)
+    model = _ManySmall(layers, 1)
+    ncw.restore(path, model)
+    assert refused == [4 * layers]
+    for want_leaf, got in zip(
+        jax.tree.leaves(nnx.state(saved)), jax.tree.leaves(nnx.state(model)), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint8), np.asarray(want_leaf).view(np.uint8)
+        )
+
+
 def _pure(tree: Any) -> Any:
     """``nnx.State`` as nested dicts of NumPy arrays with string keys (what every writer takes)."""
     if not isinstance(tree, dict):

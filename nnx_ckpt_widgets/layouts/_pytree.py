@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -513,9 +512,9 @@ def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int
     stored inline in the OCDBT B+tree's one leaf node (Orbax stores values up to 1 KiB
     inline: small arrays are), in the stored dtype; the others are Orbax's to read.
 
-    The node is decoded once; the chunks, grouped by size, are decoded by TensorStore's own
-    zarr driver over an in-memory store (one open and one read per size), so the bytes are
-    the ones a restore through Orbax gives, bit for bit.
+    The node is decoded once, by TensorStore; the chunks in it are zstd frames (or stored
+    as is), decoded one by one (:func:`_decode_chunks`) into the bytes a restore through
+    Orbax gives, bit for bit. A chunk that does not decode is left to Orbax.
     """
     import numpy as np
 
@@ -545,12 +544,12 @@ def _read_inline(item_dir: AnyPath, requests: Sequence[ReadRequest]) -> dict[int
             for _, _, dtype, shape, compressor, chunk in plan
         ]
     )
+    kept = [(entry, data) for entry, data in zip(plan, decoded, strict=True) if data is not None]
     arrays = [
-        np.frombuffer(data, dtype).reshape(shape).copy()
-        for (_, _, dtype, shape, _, _), data in zip(plan, decoded, strict=True)
+        np.frombuffer(data, dtype).reshape(shape).copy() for (_, _, dtype, shape, *_), data in kept
     ]
-    placed = _place([request for _, request, *_ in plan], arrays)
-    return {index: array for (index, *_), array in zip(plan, placed, strict=True)}
+    placed = _place([entry[1] for entry, _ in kept], arrays)
+    return {entry[0]: array for (entry, _), array in zip(kept, placed, strict=True)}
 
 
 def _chunk_key(shape: tuple[int, ...]) -> str:
@@ -599,48 +598,32 @@ def _single_device(request: ReadRequest) -> bool:
     return devices is not None and len(devices) == 1
 
 
-def _decode_chunks(chunks: list[tuple[Any, int, bytes]]) -> list[bytes]:
-    """Each ``(compressor, decoded size, stored bytes)`` decoded, by TensorStore's zarr
-    driver: chunks of one size and compressor become one zarr array of bytes over a
-    ``memory`` store, read in one call."""
-    import numpy as np
-    import tensorstore as ts
+def _decode_chunks(chunks: list[tuple[Any, int, bytes]]) -> list[bytes | None]:
+    """Each ``(compressor, decoded size, stored bytes)`` decoded: a zstd frame (Orbax's only
+    compressor, checked by :func:`_one_chunk`) by the zstandard library, as the streamed reads
+    below decode theirs; an uncompressed chunk as stored. None for a chunk that does not
+    decode to exactly its size, in one frame: Orbax then reads that array, and names any
+    damage.
 
-    groups: dict[tuple[str, int], list[int]] = {}
-    for index, (compressor, size, _) in enumerate(chunks):
-        groups.setdefault((json.dumps(compressor), size), []).append(index)
-    out: list[bytes] = [b""] * len(chunks)
-    context = ts.Context()
-    memory = ts.KvStore.open({"driver": "memory"}, context=context).result()
-    for number, ((compressor, size), members) in enumerate(groups.items()):
-        if size == 0:
+    One call a chunk: 100,000 small chunks took 0.05 s, against 1.1 s through TensorStore's
+    zarr driver over an in-memory store (a write and a wait a chunk).
+    """
+    import zstandard
+
+    decoder = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    out: list[bytes | None] = []
+    for compressor, size, raw in chunks:
+        if compressor is None:
+            out.append(raw if len(raw) == size else None)
             continue
-        prefix = f"g{number}/"
-        metadata = {
-            "zarr_format": 2,
-            "shape": [len(members) * size],
-            "chunks": [size],
-            "dtype": "|u1",
-            "compressor": json.loads(compressor),
-            "fill_value": None,
-            "filters": None,
-            "order": "C",
-            "dimension_separator": ".",
-        }
-        writes = [memory.write(prefix + ".zarray", json.dumps(metadata).encode())]
-        writes += [
-            memory.write(f"{prefix}{i}", chunks[index][2]) for i, index in enumerate(members)
-        ]
-        for write in writes:
-            write.result()
-        array = ts.open(
-            {"driver": "zarr", "kvstore": {"driver": "memory", "path": prefix}},
-            context=context,
-            open=True,
-        ).result()
-        data = np.asarray(array.read().result()).reshape(len(members), size)
-        for row, index in zip(data, members, strict=True):
-            out[index] = row.tobytes()
+        data = None
+        try:
+            # The frame's own size is checked first: zstandard allocates whatever it claims.
+            if zstandard.frame_content_size(raw) in (size, -1):
+                data = decoder.decompress(raw, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError:
+            pass
+        out.append(data if data is not None and len(data) == size else None)
     return out
 
 
