@@ -127,12 +127,12 @@ def read_fast(item_dir: AnyPath) -> list[StoredLeaf]:
         raise Unrecognised(f"leaves of types {sorted(map(str, kinds))}")
     zarr3 = bool(metadata.get("use_zarr3", False))
     shardings = _read_shardings(item_dir)
-    headers = _read_zarr_headers(item_dir, [".".join(keys) for keys in entries], zarr3)
+    names = [".".join(keys) for keys in entries]
+    headers = _read_zarr_headers(item_dir, names, zarr3)
     keys_impl = _read_key_impls(item_dir)
     leaves = []
     parsed: dict[bytes, tuple[tuple[int, ...], str]] = {}  # most headers repeat byte for byte
-    for keys, header in zip(entries, headers, strict=True):
-        name = ".".join(keys)
+    for keys, name, header in zip(entries, names, headers, strict=True):
         if header not in parsed:
             parsed[header] = _parse_header(item_dir, name, header, zarr3)
         shape, dtype = parsed[header]
