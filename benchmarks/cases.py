@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -862,6 +863,7 @@ import numpy
 import nnx_ckpt_widgets as nw
 from benchmarks.cases import _header_json
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 def kib(field):
@@ -1087,18 +1089,14 @@ def _layers_model(leaves: int, seed: int):
     return Layers(leaves // 4)
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
-def _many_layers_at(
-    tmp: Path, leaves: int, runs: int, references: bool
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds of inspect, compare, the browser and restore on a checkpoint of ``leaves``
-    leaves (median of ``runs``), and Orbax's metadata() and restore + nnx.update if asked."""
-    import jax
+def _layers_saved(tmp: Path, leaves: int):
+    """A checkpoint of ``leaves`` leaves (seed 0) and a live model of the same shape (seed 1)."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -1107,47 +1105,67 @@ def _many_layers_at(
     path = tmp / f"layers_{leaves}"
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, nnx.state(_layers_model(leaves, 0)))
-    model = _layers_model(leaves, 1)
     assert len(nw.inspect(path)) == leaves
-    steps = {
-        "inspect": lambda: nw.inspect(path),
-        "compare": lambda: nw.compare(path, model),
-        "browser": lambda: nw.CheckpointBrowser(path),
-        "restore": lambda: nw.restore(path, model),
-    }
-    ours = {
-        name: sorted(_seconds(fn) for _ in range(runs))[runs // 2] for name, fn in steps.items()
-    }
+    return path, _layers_model(leaves, 1)
+
+
+def _orbax_references(path: Path, leaves: int, like: Any) -> dict[str, float]:
+    """Seconds of Orbax's metadata() and of its restore + nnx.update, checked bit for bit."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    checkpointer = ocp.StandardCheckpointer()
+    reference = {"metadata": _seconds(lambda: checkpointer.metadata(path))}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(like)
+    )
+    other = _layers_model(leaves, 2)
+    reference["restore"] = _seconds(lambda: nnx.update(other, checkpointer.restore(path, abstract)))
     expected = nnx.state(_layers_model(leaves, 0))
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), expected)
-    reference: dict[str, float] = {}
-    if references:
-        checkpointer = ocp.StandardCheckpointer()
-        reference["metadata"] = _seconds(lambda: checkpointer.metadata(path))
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(model)
-        )
-        other = _layers_model(leaves, 2)
-        reference["restore"] = _seconds(
-            lambda: nnx.update(other, checkpointer.restore(path, abstract))
-        )
-        jax.tree.map(np.testing.assert_array_equal, nnx.state(other), expected)
-    shutil.rmtree(path)
-    return ours, reference
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(other), expected)
+    return reference
 
 
 def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     """inspect, compare, the browser's first view and restore at 10k and 100k leaves (4 small
     arrays a layer): growth against linear, and against Orbax's metadata() and restore."""
+    import jax
+    from flax import nnx
+
+    import nnx_ckpt_widgets as nw
+
     small, large = size.layers_leaves
-    # Medians of 3 runs at both sizes (a single cold run against a median of warm ones made
-    # the growth look 10-20% worse than it is); Orbax's sides one run each (minutes each).
+    # Both sizes saved and alive first; then each step's runs alternate the sizes, and each
+    # figure is the median of 3. Measured one size after the other, a machine that slowed
+    # for a few minutes (Orbax's own reference 25% slower) moved the growth by 12-15%; a cold
+    # first run against warm ones, by 10-20%. Orbax's sides run once each (minutes each).
     runs = 3 if size.repeats > 1 else 1
-    at_small, _ = _many_layers_at(tmp, small, runs, False)
-    at_large, reference = _many_layers_at(tmp, large, runs, True)
-    figures = {(name, small): t for name, t in at_small.items()}
-    figures.update({(name, large): t for name, t in at_large.items()})
+    saved = {n: _layers_saved(tmp, n) for n in (small, large)}
+    steps = {
+        "inspect": lambda path, model: nw.inspect(path),
+        "compare": lambda path, model: nw.compare(path, model),
+        "browser": lambda path, model: nw.CheckpointBrowser(path),
+        "restore": lambda path, model: nw.restore(path, model),
+    }
+    figures: dict[tuple[str, int], float] = {}
+    for name, step in steps.items():
+        times: dict[int, list[float]] = {small: [], large: []}
+        for _ in range(runs):
+            for n, (path, model) in saved.items():
+                times[n].append(_seconds(step, path, model))
+        for n, ts in times.items():
+            figures[name, n] = sorted(ts)[runs // 2]
+    for n, (_, model) in saved.items():
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            nnx.state(model),
+            nnx.state(_layers_model(n, 0)),
+        )
+    reference = _orbax_references(saved[large][0], large, saved[large][1])
+    for path, _ in saved.values():
+        shutil.rmtree(path)
     results = []
     what = {
         "inspect": "inspect",
