@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import json
 import os
 import shutil
@@ -1089,9 +1091,9 @@ def _layers_model(leaves: int, seed: int):
     return Layers(leaves // 4)
 
 
-def _seconds(fn, *args) -> float:
+def _seconds(fn) -> float:
     start = time.perf_counter()
-    fn(*args)
+    fn()
     return time.perf_counter() - start
 
 
@@ -1137,10 +1139,11 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     import nnx_ckpt_widgets as nw
 
     small, large = size.layers_leaves
-    # Both sizes saved and alive first; then each step's runs alternate the sizes, and each
-    # figure is the median of 3. Measured one size after the other, a machine that slowed
-    # for a few minutes (Orbax's own reference 25% slower) moved the growth by 12-15%; a cold
-    # first run against warm ones, by 10-20%. Orbax's sides run once each (minutes each).
+    # Both sizes saved and alive first; then each step's runs alternate the sizes after a
+    # warm-up of each, and each figure is the median of 3. Measured one size after the other,
+    # a machine that slowed for a few minutes (Orbax's own reference 25% slower) moved the
+    # growth by 12-15%; a cold first run against warm ones, by 10-20%. Orbax's sides run once
+    # each (minutes each).
     runs = 3 if size.repeats > 1 else 1
     saved = {n: _layers_saved(tmp, n) for n in (small, large)}
     steps = {
@@ -1151,12 +1154,14 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     }
     figures: dict[tuple[str, int], float] = {}
     for name, step in steps.items():
-        times: dict[int, list[float]] = {small: [], large: []}
-        for _ in range(runs):
-            for n, (path, model) in saved.items():
-                times[n].append(_seconds(step, path, model))
-        for n, ts in times.items():
-            figures[name, n] = sorted(ts)[runs // 2]
+        # The last run's cyclic garbage (widgets hold cycles) is collected untimed before each
+        # run: a 100k run's must not be paid by the 10k run after it.
+        figures[name, large], figures[name, small] = alternate(
+            functools.partial(step, *saved[large]),
+            functools.partial(step, *saved[small]),
+            runs,
+            setup=gc.collect,
+        )
     for n, (_, model) in saved.items():
         jax.tree.map(
             np.testing.assert_array_equal,
