@@ -82,8 +82,9 @@ class CheckpointBrowser(w.VBox):
         "(104 B)'.",
     )
 
-    # A first view of 10^5 leaves builds ~10^6 objects and no cycles: without the collector
-    # paused (see no_gc) one full collection of the whole heap took a quarter of its time.
+    # A first view of 10^5 leaves builds several long-lived objects a leaf (the widgets' few
+    # cycles wait for the collector to resume): running, one full collection of the whole
+    # heap took a quarter of its time (see no_gc).
     @no_gc()
     def __init__(
         self,
