@@ -1130,6 +1130,13 @@ def _orbax_references(path: Path, leaves: int, like: Any) -> dict[str, float]:
     return reference
 
 
+def _fresh_process_state() -> None:
+    import ipywidgets
+
+    ipywidgets.Widget.close_all()
+    gc.collect()
+
+
 def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     """inspect, compare, the browser's first view and restore at 10k and 100k leaves (4 small
     arrays a layer): growth against linear, and against Orbax's metadata() and restore."""
@@ -1154,13 +1161,14 @@ def case_many_layers(tmp: Path, size: Size) -> list[Result]:
     }
     figures: dict[tuple[str, int], float] = {}
     for name, step in steps.items():
-        # The last run's cyclic garbage (widgets hold cycles) is collected untimed before each
-        # run: a 100k run's must not be paid by the 10k run after it.
+        # Before each run, untimed: the last run's widgets closed (ipywidgets keeps every open
+        # widget, so each 100k browser stayed in memory) and its cyclic garbage collected, so a
+        # 100k run's leftovers are not paid by the runs after it.
         figures[name, large], figures[name, small] = alternate(
             functools.partial(step, *saved[large]),
             functools.partial(step, *saved[small]),
             runs,
-            setup=gc.collect,
+            setup=_fresh_process_state,
         )
     for n, (_, model) in saved.items():
         jax.tree.map(
