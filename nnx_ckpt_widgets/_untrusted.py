@@ -199,6 +199,22 @@ def known_dtypes() -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=256)  # a checkpoint has a few dtypes and up to 10^5 arrays
+def itemsize(dtype: str) -> int:
+    """Bytes one element of ``dtype`` takes, spelled as NumPy (with ml_dtypes) or zarr does.
+
+    Raises:
+      TypeError, Invalid: ``dtype`` is not a dtype JAX can hold.
+    """
+    import ml_dtypes  # noqa: F401  (NumPy knows bfloat16 and fp8 by name once it is imported)
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        return np.dtype(dtype_name(dtype)).itemsize
+
+
 def dtype_name(spec: Any) -> str:
     """The canonical name (``float32``, ``bfloat16``) of a dtype as zarr or NumPy spell it
     (``<f4``, ``bfloat16``, ``|b1``).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -22,16 +21,6 @@ __all__ = ["CheckpointInfo", "LeafInfo", "StepInfo", "inspect"]
 Format = Literal["nnx.State", "pure dict"]
 STATE_FORMAT: Format = "nnx.State"
 PURE_DICT_FORMAT: Format = "pure dict"
-
-
-@functools.lru_cache(maxsize=256)  # a checkpoint has a few dtypes and 10^5 leaves
-def _itemsize(dtype: str) -> int:
-    import numpy as np
-
-    try:
-        return np.dtype(dtype).itemsize
-    except TypeError:
-        return np.dtype(_untrusted.dtype_name(dtype)).itemsize
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # 10^5 of them: no __dict__ each
@@ -64,7 +53,7 @@ class LeafInfo:
     @property
     def nbytes(self) -> int:
         """Bytes the array takes in memory."""
-        return self.size * _itemsize(self.dtype)
+        return self.size * _untrusted.itemsize(self.dtype)
 
     @property
     def name(self) -> str:
